@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Print bbox AP, AP50, iterations and wall time of finished runs.
+
+    python tools/summarize.py output/demo/source [more output dirs ...]
+"""
+
+import argparse
+
+from d2prune.analysis.report import run_summary_table
+from d2prune.errors import exit_on_user_error
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dirs", nargs="+", metavar="OUTPUT_DIR")
+    args = parser.parse_args()
+    print(exit_on_user_error(run_summary_table, args.output_dirs))
+
+
+if __name__ == "__main__":
+    main()

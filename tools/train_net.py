@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Train or evaluate a Detectron2 detector with d2prune's config keys and datasets.
+
+    python tools/train_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml
+    python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
+    python tools/train_net.py --config-file CFG --dataset my_train train.json images/ \
+        DATASETS.TRAIN "('my_train',)"
+"""
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.engine import default_argument_parser, default_setup, launch
+
+from d2prune.config import check_weights, setup_cfg
+from d2prune.data import register_datasets, validate_datasets
+from d2prune.engine.trainer import Trainer
+from d2prune.errors import exit_on_user_error
+
+
+def setup(args):
+    cfg = setup_cfg(args.config_file, args.opts, args.dataset)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    register_datasets(cfg)
+    validate_datasets(cfg)
+    if args.eval_only:
+        check_weights(cfg)
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        return Trainer.test(cfg, model)
+    if not args.resume:
+        check_weights(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def guarded_main(args):
+    return exit_on_user_error(main, args)
+
+
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help="register a COCO-format dataset (repeatable); same as a DATASETS.COCO entry",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    args = argument_parser().parse_args()
+    print("Command Line Args:", args)
+    launch(
+        guarded_main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
