@@ -29,6 +29,27 @@ def add_prune_config(cfg: CN) -> CN:
     cfg.PRUNE = CN()
     # Prune while training. When False, d2prune trains and evaluates like plain Detectron2.
     cfg.PRUNE.ENABLED = False
+    # Filter-selection criterion, a name from d2prune.criteria.available() (l1, l2, fpgm, ...).
+    cfg.PRUNE.CRITERION = "l1"
+    # Kinds of channel groups that may lose channels: stem, block, stage, fpn, head. `block`
+    # (inside residual blocks) is the safe default; the others change widths the heads share.
+    cfg.PRUNE.KINDS = ["block"]
+    # Regular expressions on group names (re.search); matching groups are never pruned.
+    cfg.PRUNE.EXCLUDE = []
+    # Share of the eligible channels to remove, in [0, 1).
+    cfg.PRUNE.RATIO = 0.5
+    # When > 0, ignore RATIO and remove channels (global ranking) until the model's FLOPs fall
+    # by this share, in (0, 1).
+    cfg.PRUNE.FLOPS_REDUCTION = 0.0
+    # "local": every eligible group loses RATIO of its channels. "global": channels compete
+    # across groups on group-normalised scores; no group loses more than MAX_RATIO.
+    cfg.PRUNE.MODE = "local"
+    # Most any one group may lose, in (0, 1].
+    cfg.PRUNE.MAX_RATIO = 0.9
+    # Fewest channels a group keeps (a narrower group is left whole).
+    cfg.PRUNE.MIN_CHANNELS = 8
+    # Kept widths are rounded up to a multiple of this (8 suits vectorised CPU/GPU kernels).
+    cfg.PRUNE.ROUND_TO = 1
     return cfg
 
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from d2prune.config import setup_cfg
+from d2prune.data import register_datasets, validate_datasets
+from d2prune.data.synthetic import generate
+from d2prune.engine.trainer import Trainer
+
 REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs/synthetic/faster_rcnn_R18_FPN_source.yaml")
 torch.set_num_threads(2)
 
 
@@ -51,3 +59,47 @@ def _run_in_tmp(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     yield
     assert Path(os.getcwd()) == tmp_path
+
+
+def tiny_opts(root, out, iters=3):
+    """Overrides that shrink the synthetic config to seconds: 96 px, batch 2, `iters` steps."""
+    return [
+        "DATASETS.SYNTHETIC_ROOT", str(root), "OUTPUT_DIR", str(out),
+        "SOLVER.MAX_ITER", str(iters), "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+        "INPUT.MIN_SIZE_TRAIN", "(96,)", "INPUT.MAX_SIZE_TRAIN", "96",
+        "INPUT.MIN_SIZE_TEST", "96", "INPUT.MAX_SIZE_TEST", "96",
+        "DATALOADER.NUM_WORKERS", "0", "SOLVER.CHECKPOINT_PERIOD", "1000",
+        # A 3-iteration model scores every box low: keep them all so COCOeval has work to do.
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """A 3-iteration source model on a tiny generated set: (data root, output dir, results)."""
+    root = tmp_path_factory.mktemp("synthetic")
+    out = tmp_path_factory.mktemp("out")
+    generate(root, "source", "train", 8, image_size=96, workers=1)
+    generate(root, "source", "val", 6, image_size=96, workers=1)
+    cfg = setup_cfg(CONFIG, tiny_opts(root, out))
+    register_datasets(cfg)
+    validate_datasets(cfg)
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    results = trainer.train()
+    return root, out, results
+
+
+def run_tool(tool: str, *args) -> subprocess.CompletedProcess:
+    """Run `tools/<tool>` in a fresh interpreter, as a user would."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / tool), *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+
+
+def copypaste_ap(stdout: str) -> float:
+    """The bbox AP that Detectron2 logs as "copypaste: AP,AP50,..." then "copypaste: <values>"."""
+    values = [ln.split("copypaste: ", 1)[1] for ln in stdout.splitlines() if "copypaste: " in ln]
+    return float(next(v for v in values if v[:1].isdigit() or v.startswith("nan")).split(",")[0])

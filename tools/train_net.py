@@ -7,11 +7,11 @@
         DATASETS.TRAIN "('my_train',)"
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 
 from d2prune.config import check_weights, setup_cfg
 from d2prune.data import register_datasets, validate_datasets
+from d2prune.engine import PrunedCheckpointer
 from d2prune.engine.trainer import Trainer
 from d2prune.errors import exit_on_user_error
 
@@ -30,7 +30,7 @@ def main(args):
     if args.eval_only:
         check_weights(cfg)
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        PrunedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

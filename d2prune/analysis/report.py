@@ -7,6 +7,7 @@ from typing import Dict, List
 from tabulate import tabulate
 
 from ..errors import UserError
+from ..utils.io import atomic_write_text
 
 
 def load_run_summary(output_dir: str) -> Dict:
@@ -33,3 +34,86 @@ def run_summary_table(output_dirs: List[str]) -> str:
             ]
         )
     return tabulate(rows, headers=["run", "bbox AP", "bbox AP50", "iterations", "train wall time"])
+
+
+_COLUMNS = (
+    ("bbox_AP", "bbox AP", "{:.1f}"),
+    ("bbox_AP50", "AP50", "{:.1f}"),
+    ("params", "params (M)", "{:.2f}", 1e-6),
+    ("flops", "GFLOPs", "{:.2f}", 1e-9),
+    ("backbone_flops", "backbone GFLOPs", "{:.2f}", 1e-9),
+    ("latency_ms", "CPU latency (ms)", "{:.1f}"),
+    ("backbone_latency_ms", "backbone latency (ms)", "{:.1f}"),
+)
+
+
+def _cell(row: Dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value * scale)
+
+
+def prune_report_markdown(report: Dict) -> str:
+    """The one-shot pruning report as Markdown: metrics before/after (and after fine-tuning),
+    relative changes, and channel widths per group kind."""
+    stages = [("before pruning", report["before"]), ("after pruning", report["after"])]
+    if report.get("finetuned"):
+        stages.append(
+            (
+                f"after {report['finetuned']['iterations']} fine-tuning iterations",
+                report["finetuned"],
+            )
+        )
+    budget = (
+        f"ratio {report['ratio']}"
+        if report.get("ratio") is not None
+        else f"FLOPs reduction target {report['flops_reduction_target']}"
+    )
+    lines = [
+        "# d2prune one-shot pruning report",
+        "",
+        f"- weights: `{report['weights']}`",
+        f"- criterion: `{report['criterion']}`, {budget}, mode `{report['mode']}`, kinds {', '.join(report['kinds'])}",
+        f"- evaluated on: `{report['dataset']}`; size and speed at {report['before']['image_size']} px, CPU latency is the median of repeated runs",
+        f"- surgery took {report['surgery_seconds']} s",
+        "",
+        tabulate(
+            [[name] + [_cell(row, *col[:1], *col[2:]) for col in _COLUMNS] for name, row in stages],
+            headers=["model"] + [col[1] for col in _COLUMNS],
+            tablefmt="github",
+        ),
+        "",
+    ]
+    before, after = report["before"], report["after"]
+    ratios = [
+        f"- {label}: {after[key] / before[key]:.1%} of the unpruned model"
+        for key, label in (
+            ("params", "parameters"),
+            ("flops", "FLOPs"),
+            ("backbone_flops", "backbone FLOPs"),
+            ("latency_ms", "CPU latency"),
+            ("backbone_latency_ms", "backbone CPU latency"),
+        )
+        if before.get(key)
+    ]
+    kinds = report["widths"]["kinds"]
+    lines += ratios + [
+        "",
+        "## Channel widths per group kind",
+        "",
+        tabulate(
+            [
+                [k["kind"], k["before"], k["after"], f"{k['after'] / k['before']:.0%}"]
+                for k in kinds
+            ],
+            headers=["kind", "channels before", "channels after", "kept"],
+            tablefmt="github",
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_prune_report(output_dir: str, report: Dict) -> None:
+    """Write `report.json` and `report.md` into `output_dir`, each atomically."""
+    atomic_write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2))
+    atomic_write_text(os.path.join(output_dir, "report.md"), prune_report_markdown(report))

@@ -1,5 +1,5 @@
-"""d2prune's DefaultTrainer: COCO evaluation that works with or without detectron2's C++ ops,
-and a run summary (iterations, wall time, final metrics) written next to the checkpoints.
+"""d2prune's DefaultTrainer: checkpoints that carry the pruned architecture, COCO evaluation
+with or without detectron2's C++ ops, and a run summary written next to the checkpoints.
 """
 
 import json
@@ -12,6 +12,7 @@ from detectron2.utils import comm
 
 from ..compat import coco_eval_use_fast_impl
 from ..utils.io import atomic_write_text
+from .checkpoint import PrunedCheckpointer
 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
@@ -47,13 +48,22 @@ class RunSummary(HookBase):
 
 
 class Trainer(DefaultTrainer):
-    """Detectron2's DefaultTrainer with d2prune's evaluator and run summary."""
+    """Detectron2's DefaultTrainer with d2prune's checkpointer, evaluator and run summary.
+
+    Its checkpoints carry the channel spec, so a pruned model resumes, evaluates and
+    fine-tunes from them without any flag.
+    """
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         return build_coco_evaluator(cfg, dataset_name, output_folder)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the
+        # PeriodicCheckpointer built below must hold the pruning-aware one instead.
+        self.checkpointer = PrunedCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
+        )
         # After EvalHook, so that the final evaluation is in the summary.
         return super().build_hooks() + [RunSummary(self.cfg.OUTPUT_DIR)]
 

@@ -1,0 +1,177 @@
+"""One-shot pruning of a trained detector: evaluate, score, prune, evaluate, fine-tune, report.
+
+The flow behind `tools/prune_net.py`. Fine-tuning goes through the pruned checkpoint and the
+ordinary trainer, so a pruned model is trained exactly as it will later be reloaded.
+"""
+
+import logging
+import os
+import time
+from typing import Dict
+
+import torch
+from detectron2.evaluation import inference_on_dataset
+from detectron2.modeling import build_model
+
+from .. import criteria
+from ..analysis.complexity import (
+    count_flops,
+    count_params,
+    dummy_inputs,
+    dummy_tensor,
+    measure_latency,
+    width_table,
+)
+from ..analysis.report import write_prune_report
+from ..errors import UserError
+from ..pruning import channel_spec, find_groups, prune
+from ..pruning.budget import check_options, select_channels, select_for_flops
+from .checkpoint import PrunedCheckpointer
+from .trainer import Trainer, build_coco_evaluator
+
+logger = logging.getLogger(__name__)
+
+
+def bbox_metrics(results: Dict) -> Dict[str, float]:
+    """{"bbox_AP": ..., "bbox_AP50": ..., "bbox_AP75": ...} from COCOEvaluator results."""
+    return {f"bbox_{k}": float(v) for k, v in results["bbox"].items() if k in ("AP", "AP50", "AP75")}
+
+
+def evaluate(cfg, model, folder: str) -> Dict[str, float]:
+    """COCO bbox metrics of `model` on the first test dataset; detections go to `folder`."""
+    dataset = cfg.DATASETS.TEST[0]
+    loader = Trainer.build_test_loader(cfg, dataset)
+    evaluator = build_coco_evaluator(cfg, dataset, folder)
+    return bbox_metrics(inference_on_dataset(model, loader, evaluator))
+
+
+def test_inputs(cfg, model):
+    """Random inputs at the config's test resolution: a detectron2 batch of one square image,
+    and the normalised tensor the backbone alone takes (side padded to FPN's multiple of 32)."""
+    side = cfg.INPUT.MIN_SIZE_TEST
+    device = next(model.parameters()).device
+    batch = [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side)]
+    return batch, dummy_tensor(-(-side // 32) * 32).to(device)
+
+
+def measure(cfg, model, latency_repeats: int = 10) -> Dict[str, float]:
+    """Size and speed of `model` at the config's test resolution."""
+    model.eval()
+    inputs, tensor = test_inputs(cfg, model)
+    return {
+        "params": count_params(model),
+        "flops": count_flops(model, inputs)["total"],
+        "backbone_flops": count_flops(model.backbone, tensor)["total"],
+        "latency_ms": round(measure_latency(model, inputs, repeats=latency_repeats)["median_ms"], 2),
+        "backbone_latency_ms": round(
+            measure_latency(model.backbone, tensor, repeats=latency_repeats)["median_ms"], 2
+        ),
+        "image_size": cfg.INPUT.MIN_SIZE_TEST,
+    }
+
+
+def check_oneshot_config(cfg) -> criteria.Criterion:
+    """Check the PRUNE keys and the test dataset before any slow work; return the criterion."""
+    p = cfg.PRUNE
+    if not cfg.DATASETS.TEST:
+        raise UserError("DATASETS.TEST is empty: name the dataset to evaluate before and after pruning.")
+    criterion = criteria.build(p.CRITERION)
+    if criterion.data != "none":
+        weight_only = [n for n in criteria.available() if criteria.build(n).data == "none"]
+        raise UserError(
+            f"PRUNE.CRITERION '{p.CRITERION}' needs training data; one-shot pruning takes the "
+            f"weight-only criteria: {', '.join(weight_only)}."
+        )
+    if p.FLOPS_REDUCTION and not 0 < p.FLOPS_REDUCTION < 1:
+        raise UserError(f"PRUNE.FLOPS_REDUCTION must be in (0, 1), got {p.FLOPS_REDUCTION!r}.")
+    check_options(p.RATIO, p.MODE, list(p.KINDS), p.MAX_RATIO, p.MIN_CHANNELS, p.ROUND_TO)
+    return criterion
+
+
+def choose_keep(cfg, model, groups, criterion):
+    """Score every group with `criterion` and turn the scores into keep sets (PRUNE budget)."""
+    p = cfg.PRUNE
+    start = time.perf_counter()
+    scores = criterion.score(model, groups)
+    options = dict(
+        kinds=list(p.KINDS), exclude=list(p.EXCLUDE), max_ratio=p.MAX_RATIO,
+        min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO,
+    )
+    if p.FLOPS_REDUCTION > 0:
+        inputs, _ = test_inputs(cfg, model)
+        keep = select_for_flops(
+            model, groups, scores, flops_reduction=p.FLOPS_REDUCTION,
+            measure=lambda m: count_flops(m, inputs)["total"], **options,
+        )
+    else:
+        keep = select_channels(groups, scores, ratio=p.RATIO, mode=p.MODE, **options)
+    logger.info("Scored and selected channels with %s in %.2f s", p.CRITERION, time.perf_counter() - start)
+    return keep
+
+
+def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats: int = 10) -> Dict:
+    """Prune the checkpoint `cfg.MODEL.WEIGHTS` once; write the pruned checkpoint and reports.
+
+    Returns the report (also written as `output_dir/report.json` and `report.md`).
+    """
+    criterion = check_oneshot_config(cfg)
+    os.makedirs(output_dir, exist_ok=True)
+    model = build_model(cfg)
+    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+
+    report = {
+        "config": cfg.get("_source_file", ""),
+        "weights": cfg.MODEL.WEIGHTS,
+        "criterion": cfg.PRUNE.CRITERION,
+        "ratio": cfg.PRUNE.RATIO if cfg.PRUNE.FLOPS_REDUCTION <= 0 else None,
+        "flops_reduction_target": cfg.PRUNE.FLOPS_REDUCTION or None,
+        "mode": cfg.PRUNE.MODE,
+        "kinds": list(cfg.PRUNE.KINDS),
+        "dataset": cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None,
+    }
+    logger.info("Evaluating the model before pruning")
+    report["before"] = {**evaluate(cfg, model, os.path.join(output_dir, "eval_before")), **measure(cfg, model, latency_repeats)}
+    spec_before = channel_spec(model)
+    groups = find_groups(model)
+
+    keep = choose_keep(cfg, model, groups, criterion)
+    start = time.perf_counter()
+    with torch.no_grad():
+        prune(model, keep)
+    report["surgery_seconds"] = round(time.perf_counter() - start, 3)
+    spec = channel_spec(model)
+    report["spec"] = spec
+    report["widths"] = width_table(spec_before, spec, groups)
+
+    logger.info("Evaluating the model after pruning")
+    report["after"] = {**evaluate(cfg, model, os.path.join(output_dir, "eval_after")), **measure(cfg, model, latency_repeats)}
+    pruned_path = os.path.join(output_dir, "model_pruned.pth")
+    PrunedCheckpointer(model, save_dir=output_dir).save("model_pruned")
+    report["pruned_weights"] = pruned_path
+
+    if finetune_iters > 0:
+        report["finetuned"] = finetune(cfg, pruned_path, output_dir, finetune_iters, report["after"])
+    write_prune_report(output_dir, report)
+    return report
+
+
+def finetune(cfg, weights: str, output_dir: str, iters: int, after: Dict) -> Dict:
+    """Fine-tune the pruned checkpoint for `iters` iterations and evaluate it again."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.WEIGHTS = weights
+    cfg.OUTPUT_DIR = os.path.join(output_dir, "finetune")
+    cfg.SOLVER.MAX_ITER = iters
+    cfg.SOLVER.STEPS = tuple(s for s in cfg.SOLVER.STEPS if s < iters)
+    cfg.SOLVER.WARMUP_ITERS = min(cfg.SOLVER.WARMUP_ITERS, iters // 10)
+    cfg.TEST.EVAL_PERIOD = 0  # the trainer still evaluates once, at the end
+    cfg.DATASETS.TEST = cfg.DATASETS.TEST[:1]
+    cfg.freeze()
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=False)
+    result = {k: after[k] for k in ("params", "flops", "backbone_flops", "latency_ms", "backbone_latency_ms")}
+    result.update(bbox_metrics(trainer.train()))
+    result["iterations"] = iters
+    result["weights"] = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
+    return result
