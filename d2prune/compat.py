@@ -1,12 +1,27 @@
-"""Differences between the detectron2 builds d2prune runs on, in one place.
+"""Differences between the detectron2 builds (and CPU-only machines) d2prune runs on, in one place.
 
 d2prune supports detectron2 v0.6 (with its real C++ ops, or with the stub extension that
-`make setup` builds by default) and detectron2 main. Everything that differs between them is
-decided here, so the rest of the library is version-free.
+`make setup` builds by default) and detectron2 main, with or without CUDA. Everything that
+differs between them is decided here, so the rest of the library is version-free.
 """
 
+import contextlib
 import functools
 import logging
+import socket
+from datetime import timedelta
+from typing import Callable, Optional
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from detectron2.engine import DefaultTrainer
+from detectron2.engine import defaults as d2_defaults
+from detectron2.engine.launch import DEFAULT_TIMEOUT
+from detectron2.engine.launch import launch as d2_launch
+from detectron2.utils import comm
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -31,3 +46,84 @@ def coco_eval_use_fast_impl() -> bool:
             "(use_fast_impl=False); results are the same, only slower."
         )
     return fast
+
+
+# detectron2 main checkpoints SimpleTrainer's state (the optimizer) through DefaultTrainer's own
+# state_dict; v0.6's DefaultTrainer has none, so d2prune's trainer adds it there.
+TRAINER_SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+
+_d2_create_ddp_model = d2_defaults.create_ddp_model
+
+
+def create_ddp_model(model: nn.Module, **kwargs) -> nn.Module:
+    """detectron2's `create_ddp_model`, which also wraps a model on the CPU (gloo).
+
+    detectron2 (v0.6 and main) passes `device_ids=[local rank]`, which DistributedDataParallel
+    refuses for a module whose parameters are on the CPU; such a module needs `device_ids=None`.
+    """
+    if next(model.parameters()).device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return _d2_create_ddp_model(model, **kwargs)
+
+
+@contextlib.contextmanager
+def ddp_on_cpu():
+    """While active, `DefaultTrainer.__init__` wraps its model with `create_ddp_model` above,
+    so that multi-process training also starts on machines without CUDA."""
+    with mock.patch.object(d2_defaults, "create_ddp_model", create_ddp_model):
+        yield
+
+
+def launch(
+    main_func: Callable,
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: Optional[str] = None,
+    args: tuple = (),
+    timeout: timedelta = DEFAULT_TIMEOUT,
+):
+    """detectron2's `launch`, or, without CUDA, the same processes talking over gloo.
+
+    v0.6's `launch` only knows NCCL and asserts CUDA; here `num_gpus_per_machine` is then the
+    number of CPU processes per machine. Each process gets detectron2's local process group, so
+    `comm.get_local_rank()` and friends work as under NCCL.
+    """
+    world_size = num_machines * num_gpus_per_machine
+    if world_size == 1 or torch.cuda.is_available():
+        return d2_launch(
+            main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+            dist_url=dist_url, args=args, timeout=timeout,
+        )
+    if dist_url in (None, "auto"):
+        if num_machines > 1:
+            raise ValueError("multi-machine jobs need an explicit dist_url")
+        dist_url = f"tcp://127.0.0.1:{_free_port()}"
+    mp.spawn(
+        _gloo_worker,
+        nprocs=num_gpus_per_machine,
+        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+        daemon=False,
+    )
+
+
+def _gloo_worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout):
+    dist.init_process_group(
+        backend="gloo", init_method=dist_url, world_size=world_size,
+        rank=machine_rank * per_machine + local_rank, timeout=timeout,
+    )
+    if hasattr(comm, "create_local_process_group"):  # detectron2 main
+        comm.create_local_process_group(per_machine)
+    else:  # v0.6 keeps the group in a module variable that only its NCCL launch sets
+        for i in range(world_size // per_machine):
+            group = dist.new_group(list(range(i * per_machine, (i + 1) * per_machine)))
+            if i == machine_rank:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

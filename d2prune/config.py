@@ -3,8 +3,10 @@
 Every key is documented where it is defined; `tools/train_net.py` calls `add_prune_config` first.
 """
 
+import ast
 import logging
 import os
+import re
 from typing import Sequence
 
 import torch
@@ -12,7 +14,9 @@ import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
+from . import criteria
 from .errors import UserError
+from .pruning.budget import KINDS
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +54,102 @@ def add_prune_config(cfg: CN) -> CN:
     cfg.PRUNE.MIN_CHANNELS = 8
     # Kept widths are rounded up to a multiple of this (8 suits vectorised CPU/GPU kernels).
     cfg.PRUNE.ROUND_TO = 1
+    # Options of the criterion, as [key, value] pairs (e.g. [["seed", 1]]); string values are
+    # read as Python literals when they parse as one.
+    cfg.PRUNE.CRITERION_OPTIONS = []
+    # When training prunes: "oneshot" (one event at START_ITER) or "iterative" (NUM_EVENTS
+    # events spread evenly from START_ITER to END_ITER, each a step toward RATIO/FLOPS_REDUCTION).
+    cfg.PRUNE.SCHEDULE = "oneshot"
+    # Iteration after which the (first) pruning event happens.
+    cfg.PRUNE.START_ITER = 0
+    # Iteration after which the last iterative event happens.
+    cfg.PRUNE.END_ITER = 0
+    # Number of iterative pruning events.
+    cfg.PRUNE.NUM_EVENTS = 3
+    # How the removed share grows over iterative events, always relative to the unpruned model:
+    # "linear", or "cubic" (Zhu & Gupta 2017: r_k = r * (1 - (1 - k / NUM_EVENTS)^3), large
+    # steps first while the network has most redundancy).
+    cfg.PRUNE.CURVE = "linear"
+    # Training batches fed to data-driven criteria (activations, gradients) at each event.
+    cfg.PRUNE.SCORE_BATCHES = 8
+    # Evaluate on DATASETS.TEST right before and right after each pruning event.
+    cfg.PRUNE.EVAL_AT_EVENTS = False
     return cfg
+
+
+def check_prune_config(cfg: CN) -> None:
+    """Raise a one-line `UserError` naming the first PRUNE key outside its allowed values.
+
+    Called before training or one-shot pruning starts, not when a config is loaded, so that a
+    config may name a criterion that another installed package registers.
+    """
+    p = cfg.PRUNE
+
+    def fail(key: str, allowed: str) -> None:
+        raise UserError(f"PRUNE.{key} must be {allowed}, got {p[key]!r}.")
+
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    if not is_number(p.RATIO) or not 0 <= p.RATIO < 1:
+        fail("RATIO", "a number in [0, 1)")
+    if not is_number(p.FLOPS_REDUCTION) or not (p.FLOPS_REDUCTION == 0 or 0 < p.FLOPS_REDUCTION < 1):
+        fail("FLOPS_REDUCTION", "0 (off) or a number in (0, 1)")
+    if p.MODE not in ("local", "global"):
+        fail("MODE", "'local' or 'global'")
+    if isinstance(p.KINDS, str) or not p.KINDS or any(k not in KINDS for k in p.KINDS):
+        fail("KINDS", f"a non-empty list of {', '.join(KINDS)}")
+    for pattern in p.EXCLUDE:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError):
+            raise UserError(f"PRUNE.EXCLUDE pattern {pattern!r} is not a valid regular expression.") from None
+    if not is_number(p.MAX_RATIO) or not 0 < p.MAX_RATIO <= 1:
+        fail("MAX_RATIO", "a number in (0, 1]")
+    for key in ("MIN_CHANNELS", "ROUND_TO", "NUM_EVENTS", "SCORE_BATCHES"):
+        if not is_int(p[key]) or p[key] < 1:
+            fail(key, "a positive integer")
+    if p.SCHEDULE not in ("oneshot", "iterative"):
+        fail("SCHEDULE", "'oneshot' or 'iterative'")
+    if p.CURVE not in ("linear", "cubic"):
+        fail("CURVE", "'linear' or 'cubic'")
+    max_iter = cfg.SOLVER.MAX_ITER
+    if not is_int(p.START_ITER) or not 0 <= p.START_ITER < max_iter:
+        fail("START_ITER", f"an iteration from 0 to SOLVER.MAX_ITER - 1 = {max_iter - 1}")
+    if p.SCHEDULE == "iterative":
+        first = p.START_ITER + p.NUM_EVENTS - 1  # one iteration per event at least
+        if not is_int(p.END_ITER) or not first <= p.END_ITER < max_iter:
+            fail("END_ITER", f"an iteration from START_ITER + NUM_EVENTS - 1 = {first} to SOLVER.MAX_ITER - 1 = {max_iter - 1}")
+    if not isinstance(p.EVAL_AT_EVENTS, bool):
+        fail("EVAL_AT_EVENTS", "True or False")
+    if p.EVAL_AT_EVENTS and not cfg.DATASETS.TEST:
+        raise UserError("PRUNE.EVAL_AT_EVENTS is True but DATASETS.TEST is empty: name a dataset to evaluate on.")
+    options = criterion_options(cfg)
+    try:
+        criteria.build(p.CRITERION, **options)
+    except UserError as e:
+        raise UserError(f"PRUNE.CRITERION: {e}") from None
+
+
+def criterion_options(cfg: CN) -> dict:
+    """PRUNE.CRITERION_OPTIONS as keyword arguments for `d2prune.criteria.build`."""
+    options = {}
+    for pair in cfg.PRUNE.CRITERION_OPTIONS:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not isinstance(pair[0], str):
+            raise UserError(
+                f"PRUNE.CRITERION_OPTIONS must be a list of [key, value] pairs, got {pair!r} in it."
+            )
+        key, value = pair
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                pass  # not a literal: the string itself is the value
+        options[key] = value
+    return options
 
 
 def setup_cfg(config_file: str, opts: Sequence[str] = (), datasets: Sequence[Sequence[str]] = ()) -> CN:

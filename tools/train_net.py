@@ -2,17 +2,20 @@
 """Train or evaluate a Detectron2 detector with d2prune's config keys and datasets.
 
     python tools/train_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml
+    python tools/train_net.py --config-file configs/synthetic/prune/faster_rcnn_R18_FPN_target_l1.yaml
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --dataset my_train train.json images/ \
         DATASETS.TRAIN "('my_train',)"
 """
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from d2prune.compat import launch
 from d2prune.config import check_weights, setup_cfg
 from d2prune.data import register_datasets, validate_datasets
-from d2prune.engine import PrunedCheckpointer
-from d2prune.engine.trainer import Trainer
+from d2prune.engine import PrunedCheckpointer, PruningTrainer, Trainer
 from d2prune.errors import exit_on_user_error
 
 
@@ -20,6 +23,8 @@ def setup(args):
     cfg = setup_cfg(args.config_file, args.opts, args.dataset)
     cfg.freeze()
     default_setup(cfg, args)
+    # Pruning events and checks log under d2prune, as detectron2 projects log under their name.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="d2prune")
     return cfg
 
 
@@ -36,7 +41,7 @@ def main(args):
         return Trainer.test(cfg, model)
     if not args.resume:
         check_weights(cfg)
-    trainer = Trainer(cfg)
+    trainer = (PruningTrainer if cfg.PRUNE.ENABLED else Trainer)(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
 

@@ -14,19 +14,13 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
 from .. import criteria
-from ..analysis.complexity import (
-    count_flops,
-    count_params,
-    dummy_inputs,
-    dummy_tensor,
-    measure_latency,
-    width_table,
-)
+from ..analysis.complexity import count_flops, count_params, measure_latency, width_table
 from ..analysis.report import write_prune_report
+from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
-from ..pruning.budget import check_options, select_channels, select_for_flops
 from .checkpoint import PrunedCheckpointer
+from .selection import build_criterion, choose_keep, test_inputs
 from .trainer import Trainer, build_coco_evaluator
 
 logger = logging.getLogger(__name__)
@@ -43,15 +37,6 @@ def evaluate(cfg, model, folder: str) -> Dict[str, float]:
     loader = Trainer.build_test_loader(cfg, dataset)
     evaluator = build_coco_evaluator(cfg, dataset, folder)
     return bbox_metrics(inference_on_dataset(model, loader, evaluator))
-
-
-def test_inputs(cfg, model):
-    """Random inputs at the config's test resolution: a detectron2 batch of one square image,
-    and the normalised tensor the backbone alone takes (side padded to FPN's multiple of 32)."""
-    side = cfg.INPUT.MIN_SIZE_TEST
-    device = next(model.parameters()).device
-    batch = [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side)]
-    return batch, dummy_tensor(-(-side // 32) * 32).to(device)
 
 
 def measure(cfg, model, latency_repeats: int = 10) -> Dict[str, float]:
@@ -72,41 +57,17 @@ def measure(cfg, model, latency_repeats: int = 10) -> Dict[str, float]:
 
 def check_oneshot_config(cfg) -> criteria.Criterion:
     """Check the PRUNE keys and the test dataset before any slow work; return the criterion."""
-    p = cfg.PRUNE
+    check_prune_config(cfg)
     if not cfg.DATASETS.TEST:
         raise UserError("DATASETS.TEST is empty: name the dataset to evaluate before and after pruning.")
-    criterion = criteria.build(p.CRITERION)
+    criterion = build_criterion(cfg)
     if criterion.data != "none":
         weight_only = [n for n in criteria.available() if criteria.build(n).data == "none"]
         raise UserError(
-            f"PRUNE.CRITERION '{p.CRITERION}' needs training data; one-shot pruning takes the "
-            f"weight-only criteria: {', '.join(weight_only)}."
+            f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training data; one-shot pruning takes "
+            f"the weight-only criteria: {', '.join(weight_only)}."
         )
-    if p.FLOPS_REDUCTION and not 0 < p.FLOPS_REDUCTION < 1:
-        raise UserError(f"PRUNE.FLOPS_REDUCTION must be in (0, 1), got {p.FLOPS_REDUCTION!r}.")
-    check_options(p.RATIO, p.MODE, list(p.KINDS), p.MAX_RATIO, p.MIN_CHANNELS, p.ROUND_TO)
     return criterion
-
-
-def choose_keep(cfg, model, groups, criterion):
-    """Score every group with `criterion` and turn the scores into keep sets (PRUNE budget)."""
-    p = cfg.PRUNE
-    start = time.perf_counter()
-    scores = criterion.score(model, groups)
-    options = dict(
-        kinds=list(p.KINDS), exclude=list(p.EXCLUDE), max_ratio=p.MAX_RATIO,
-        min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO,
-    )
-    if p.FLOPS_REDUCTION > 0:
-        inputs, _ = test_inputs(cfg, model)
-        keep = select_for_flops(
-            model, groups, scores, flops_reduction=p.FLOPS_REDUCTION,
-            measure=lambda m: count_flops(m, inputs)["total"], **options,
-        )
-    else:
-        keep = select_channels(groups, scores, ratio=p.RATIO, mode=p.MODE, **options)
-    logger.info("Scored and selected channels with %s in %.2f s", p.CRITERION, time.perf_counter() - start)
-    return keep
 
 
 def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats: int = 10) -> Dict:
@@ -135,7 +96,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     spec_before = channel_spec(model)
     groups = find_groups(model)
 
-    keep = choose_keep(cfg, model, groups, criterion)
+    keep = choose_keep(cfg, model, criterion)
     start = time.perf_counter()
     with torch.no_grad():
         prune(model, keep)

@@ -1,18 +1,23 @@
-"""d2prune's DefaultTrainer: checkpoints that carry the pruned architecture, COCO evaluation
-with or without detectron2's C++ ops, and a run summary written next to the checkpoints.
+"""d2prune's DefaultTrainer: checkpoints that carry the pruned architecture and the optimizer,
+COCO evaluation with or without detectron2's C++ ops, a run summary, and pruning while training.
 """
 
 import json
 import os
 import time
+from typing import Dict, Mapping, Optional
 
-from detectron2.engine import DefaultTrainer, HookBase
+from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
 
+from .. import compat
 from ..compat import coco_eval_use_fast_impl
+from ..config import check_prune_config
+from ..pruning.groups import unwrap
 from ..utils.io import atomic_write_text
 from .checkpoint import PrunedCheckpointer
+from .pruning_hook import PruningHook
 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
@@ -39,8 +44,9 @@ class RunSummary(HookBase):
         summary = {
             "start_iter": self._start_iter,
             "max_iter": self.trainer.max_iter,
-            # TrainerBase leaves `iter == max_iter` after a completed loop.
-            "iterations": self.trainer.iter - self._start_iter,
+            # TrainerBase adds one to `iter` after the loop, even when a resumed run had no
+            # iteration left to do.
+            "iterations": min(self.trainer.iter, self.trainer.max_iter) - self._start_iter,
             "train_seconds": round(time.perf_counter() - self._start_time, 1),
             "results": getattr(self.trainer, "_last_eval_results", None) or {},
         }
@@ -50,9 +56,75 @@ class RunSummary(HookBase):
 class Trainer(DefaultTrainer):
     """Detectron2's DefaultTrainer with d2prune's checkpointer, evaluator and run summary.
 
-    Its checkpoints carry the channel spec, so a pruned model resumes, evaluates and
-    fine-tunes from them without any flag.
+    Its checkpoints carry the channel spec and the optimizer state, so a pruned model resumes
+    (with its momentum), evaluates and fine-tunes from them without any flag. It also trains
+    with several processes on machines without CUDA (gloo, see `d2prune.compat.launch`).
     """
+
+    def __init__(self, cfg):
+        with compat.ddp_on_cpu():
+            super().__init__(cfg)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        # MODEL.WEIGHTS may be a pruned checkpoint: loading it cut the model to its spec.
+        self._follow_model()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if not compat.TRAINER_SAVES_OPTIMIZER:
+            ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        # The checkpointer loads the model (cut to the checkpoint's channel spec) before this
+        # state: the optimizer, built for the model as first built, must follow it before its
+        # state is loaded into it.
+        self._follow_model()
+        super().load_state_dict(state_dict)
+        if not compat.TRAINER_SAVES_OPTIMIZER and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
+    def _follow_model(self) -> None:
+        """Rebuild the optimizer when the model's parameters are no longer the ones it holds."""
+        held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+        if held != {id(p) for p in unwrap(self.model).parameters() if p.requires_grad}:
+            self.rebuild_optimizer()
+
+    def rebuild_optimizer(self, state: Optional[Mapping[str, Dict]] = None) -> None:
+        """Rebuild the optimizer, LR scheduler and DDP wrapper around the model's current
+        parameters, after surgery replaced some of them; training continues where it was.
+
+        Learning rates and the scheduler's position carry over from the old optimizer and
+        scheduler; `state` (parameter name -> optimizer state, e.g. the sliced SGD momentum)
+        becomes the new optimizer's state. The AMP grad scaler and the data stay as they are.
+        """
+        model = unwrap(self.model)
+        optimizer = self.build_optimizer(self.cfg, model)
+        scheduler = self.build_lr_scheduler(self.cfg, optimizer)
+        old = self.optimizer
+        # Same module structure, so the same parameter groups in the same order; only shapes differ.
+        assert len(old.param_groups) == len(optimizer.param_groups)
+        scheduler.load_state_dict(self.scheduler.state_dict())
+        for old_group, group in zip(old.param_groups, optimizer.param_groups):
+            group.update({k: v for k, v in old_group.items() if k != "params"})
+        if state:
+            names = {id(p): name for name, p in model.named_parameters()}
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if names[id(p)] in state:
+                        optimizer.state[p] = dict(state[names[id(p)]])
+
+        self._trainer.optimizer = optimizer
+        self.scheduler = scheduler
+        # The old DDP wrapper's reducer still points at the replaced parameters: without a new
+        # one, their successors' gradients would silently stay unsynchronised across ranks.
+        self._trainer.model = compat.create_ddp_model(model, broadcast_buffers=False)
+        for hook in self._hooks:
+            if isinstance(hook, hooks.LRScheduler):
+                hook._optimizer = optimizer  # cached in before_train
+            elif isinstance(hook, hooks.PreciseBN):
+                hook._model = self.model
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -72,3 +144,24 @@ class Trainer(DefaultTrainer):
         TEST.EXPECTED_RESULTS is set)."""
         super().train()
         return getattr(self, "_last_eval_results", None)
+
+
+class PruningTrainer(Trainer):
+    """The Trainer that prunes while fine-tuning, on the PRUNE schedule (see `PruningHook`).
+
+    `tools/train_net.py` uses it whenever PRUNE.ENABLED is set. Checkpoints written at or after
+    a pruning event resume into the pruned architecture, with optimizer, scheduler and the
+    schedule's progress.
+    """
+
+    def __init__(self, cfg):
+        check_prune_config(cfg)
+        super().__init__(cfg)
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        # Right after the LR scheduler's step, so the checkpoint, evaluation and writers that
+        # follow in the same iteration see the pruned model and its rebuilt optimizer.
+        at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
+        ret.insert(at, PruningHook(self.cfg))
+        return ret

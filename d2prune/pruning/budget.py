@@ -7,7 +7,7 @@ share; the constraints that keep the result valid (widths, whole units, floors) 
 import copy
 import math
 import re
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ def select_channels(
     max_ratio: float = 0.9,
     min_channels: int = 8,
     round_to: int = 1,
+    original: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, List[int]]:
     """Sorted channel indices to keep, for each group that loses channels (the others are absent).
 
@@ -50,6 +51,11 @@ def select_channels(
     count is rounded up, so the removed share can fall short of `ratio`. A group whose width
     is not such a multiple can only stay whole. A request that can remove nothing at all
     (every eligible group at or below its floor) is an error rather than a silent no-op.
+
+    `original` holds the widths before any pruning (a channel spec). When given, `ratio`,
+    `max_ratio` and `min_channels` refer to those widths instead of the current ones, and a call
+    removes only what is still missing: pruning in several steps toward growing ratios ends at
+    the widths that one step to the last ratio would give.
     """
     check_options(ratio, mode, kinds, max_ratio, min_channels, round_to)
     eligible = _eligible(groups, kinds, exclude)
@@ -60,20 +66,27 @@ def select_channels(
             f"pruning budget: no channel group of kinds {', '.join(kinds)} is left after "
             f"exclude {list(exclude)}; nothing to prune."
         )
+    reference = {g.name: g.size if original is None else original[g.name] for g in eligible}
     unit_scores = {g.name: _unit_scores(g, scores) for g in eligible}
-    floors = {g.name: _floor(g, max_ratio, min_channels) for g in eligible}
-    if all(floors[g.name] >= g.size for g in eligible):
+    floors = {g.name: _floor(g, reference[g.name], max_ratio, min_channels) for g in eligible}
+    if all(floors[name] >= size for name, size in reference.items()):
         raise UserError(
             f"pruning budget: min_channels={min_channels} and max_ratio={max_ratio} leave "
-            f"every eligible group whole (widest: {max(g.size for g in eligible)} channels)."
+            f"every eligible group whole (widest: {max(reference.values())} channels)."
         )
     if mode == "local":
         widths = {
-            g.name: max(g.size - math.floor(ratio * g.size + 1e-9), floors[g.name])
+            g.name: min(
+                max(reference[g.name] - math.floor(ratio * reference[g.name] + 1e-9), floors[g.name]),
+                g.size,
+            )
             for g in eligible
         }
     else:
-        widths = _global_widths(eligible, unit_scores, floors, ratio)
+        total = sum(reference.values())
+        already_removed = total - sum(g.size for g in eligible)
+        target = math.floor(ratio * total + 1e-9) - already_removed
+        widths = _global_widths(eligible, unit_scores, floors, target)
 
     keep = {}
     for group in eligible:
@@ -97,6 +110,8 @@ def select_for_flops(
     max_ratio: float = 0.9,
     min_channels: int = 8,
     round_to: int = 1,
+    original: Optional[Mapping[str, int]] = None,
+    baseline: Optional[float] = None,
 ) -> Dict[str, List[int]]:
     """Keep sets that cut `measure(model)` (FLOPs) by `flops_reduction`, removing in global order.
 
@@ -104,6 +119,10 @@ def select_for_flops(
     deep copy, so `model` is untouched. Returns the candidate with the smallest ratio found
     whose reduction is at least `flops_reduction`, stopping early once it is within
     `tolerance` above it (FLOPs fall in steps of whole channels, so an exact hit is rare).
+
+    For a model already pruned, `original` (its widths before pruning, see `select_channels`)
+    and `baseline` (its FLOPs then) make `flops_reduction` relative to the unpruned model; a
+    model that is already there loses nothing.
     """
     if not 0 < flops_reduction < 1:
         raise UserError(
@@ -116,11 +135,15 @@ def select_for_flops(
         max_ratio=max_ratio,
         min_channels=min_channels,
         round_to=round_to,
+        original=original,
     )
     # The global order can remove at most `max_ratio` of the eligible channels.
     low, high = 0.0, min(max_ratio, 1 - 1e-6)
     deepest = select_channels(groups, scores, ratio=high, **options)  # validates the options
-    baseline = measure(model)
+    if baseline is None:
+        baseline = measure(model)
+    elif 1 - measure(model) / baseline >= flops_reduction:
+        return {}
 
     def reduction(keep: Mapping[str, Sequence[int]]) -> float:
         pruned = copy.deepcopy(model)
@@ -196,9 +219,12 @@ def _unit_scores(group: ChannelGroup, scores: Mapping[str, torch.Tensor]) -> tor
     return score.detach().double().cpu().view(-1, group.unit).mean(1)
 
 
-def _floor(group: ChannelGroup, max_ratio: float, min_channels: int) -> int:
-    """The fewest channels the group may keep: whole units, never empty."""
-    least = max(min(min_channels, group.size), math.ceil(group.size * (1 - max_ratio) - 1e-9), 1)
+def _floor(group: ChannelGroup, reference: int, max_ratio: float, min_channels: int) -> int:
+    """The fewest channels the group may keep: whole units, never empty, never more than it has.
+
+    `reference` is the width that `max_ratio` and `min_channels` refer to (see `original`).
+    """
+    least = max(min(min_channels, reference), math.ceil(reference * (1 - max_ratio) - 1e-9), 1)
     return min(math.ceil(least / group.unit) * group.unit, group.size)
 
 
@@ -206,9 +232,9 @@ def _global_widths(
     groups: List[ChannelGroup],
     unit_scores: Mapping[str, torch.Tensor],
     floors: Mapping[str, int],
-    ratio: float,
+    target: int,
 ) -> Dict[str, int]:
-    """Widths after removing the lowest `ratio` share of all channels, ranked network-wide."""
+    """Widths after removing `target` channels, the lowest ranked network-wide."""
     ranked = []
     for i, group in enumerate(groups):
         units = unit_scores[group.name]
@@ -217,7 +243,6 @@ def _global_widths(
     # Within a group the ranking is its own order, so only the count per group matters here.
     ranked.sort()
     widths = {g.name: g.size for g in groups}
-    target = math.floor(ratio * sum(g.size for g in groups) + 1e-9)
     removed = 0
     for _, i in ranked:
         group = groups[i]

@@ -1,0 +1,204 @@
+"""The training hook that prunes on the PRUNE schedule: score, choose, cut, keep training.
+
+Each event runs on every rank in `after_step`; the trainer then rebuilds what held the old
+tensors (optimizer, LR scheduler, DDP wrapper), and a pruned checkpoint records the new shape.
+"""
+
+import copy
+import hashlib
+import itertools
+import json
+import logging
+import time
+from typing import Dict, Mapping, Sequence
+
+import torch
+from detectron2.engine import HookBase, hooks
+from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
+from detectron2.utils.events import CommonMetricPrinter
+from torch import nn
+
+from ..analysis.complexity import count_flops, count_params
+from ..pruning import channel_spec, find_groups, prune
+from ..pruning.groups import unwrap
+from ..pruning.schedule import PruningSchedule
+from .selection import build_criterion, choose_keep, test_inputs
+
+__all__ = ["PruningHook", "sliced_optimizer_state"]
+
+logger = logging.getLogger(__name__)
+
+
+class PruningHook(HookBase):
+    """Prunes the trainer's model at the iterations of the PRUNE schedule.
+
+    At event k it removes channels until the share of the unpruned model's channels (or FLOPs)
+    given by the schedule is gone, slices the optimizer's momentum to the kept channels, has
+    the trainer rebuild its optimizer, scheduler and DDP wrapper (`Trainer.rebuild_optimizer`),
+    saves `model_pruned_<iter>.pth`, and logs sizes to the event storage under `pruning/`.
+    Its state (events done, the unpruned widths and FLOPs) travels in the checkpoints.
+    """
+
+    def __init__(self, cfg):
+        p = cfg.PRUNE
+        self.cfg = cfg
+        self._flops_mode = p.FLOPS_REDUCTION > 0
+        final = p.FLOPS_REDUCTION if self._flops_mode else p.RATIO
+        self.schedule = PruningSchedule.build(
+            p.SCHEDULE, final, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
+        )
+        self.criterion = build_criterion(cfg)
+        self.events_done = 0
+        self.original_spec = None  # widths before the first event
+        self.original_flops = None  # detector FLOPs at test size then, for FLOPS_REDUCTION
+
+    def before_train(self):
+        model = unwrap(self.trainer.model)
+        if self.original_spec is None:
+            self.original_spec = channel_spec(model)
+        if self._flops_mode and self.original_flops is None:
+            inputs, _ = test_inputs(self.cfg, model)
+            self.original_flops = count_flops(model, inputs)["total"]
+
+    def after_step(self):
+        iters = self.schedule.iters
+        # `>=` rather than `==`: a run resumed past an event it had not reached still gets it.
+        if self.events_done < len(iters) and self.trainer.iter >= iters[self.events_done]:
+            self.prune_event()
+
+    def prune_event(self) -> None:
+        trainer, cfg = self.trainer, self.cfg
+        index, total = self.events_done + 1, len(self.schedule.iters)
+        iteration = trainer.iter
+        comm.synchronize()
+        if cfg.PRUNE.EVAL_AT_EVENTS:
+            self._evaluate("before")
+
+        model = unwrap(trainer.model)
+        start = time.perf_counter()
+        # Batches come from the training stream (every rank its own shard); weight-only
+        # criteria never draw from it, so their runs see the same data as without pruning.
+        batches = itertools.islice(trainer._trainer._data_loader_iter, cfg.PRUNE.SCORE_BATCHES)
+        keep = choose_keep(
+            cfg, model, self.criterion, batches,
+            target=self.schedule.targets[self.events_done],
+            original=self.original_spec, original_flops=self.original_flops,
+        )
+        score_seconds = time.perf_counter() - start
+        check_same_on_all_ranks(keep)
+
+        before = channel_spec(model)
+        state = sliced_optimizer_state(model, trainer.optimizer, keep)
+        with torch.no_grad():
+            prune(model, keep)
+        trainer.rebuild_optimizer(state)
+        self.events_done += 1
+        comm.synchronize()
+
+        trainer.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
+        self._log(index, total, iteration, model, before, score_seconds)
+        if cfg.PRUNE.EVAL_AT_EVENTS:
+            self._evaluate("after")
+        if comm.is_main_process():
+            self._flush_writers()
+
+    def _log(self, index, total, iteration, model, before, score_seconds) -> None:
+        after = channel_spec(model)
+        kinds = {g.name: g.kind for g in find_groups(model)}
+        storage = self.trainer.storage
+        widths = {}
+        for name, kind in kinds.items():
+            w = widths.setdefault(kind, [0, 0, 0])  # unpruned, before this event, after it
+            w[0] += self.original_spec[name]
+            w[1] += before[name]
+            w[2] += after[name]
+        for kind, (original, old, new) in widths.items():
+            if kind in self.cfg.PRUNE.KINDS:
+                logger.info(
+                    "prune event %d/%d @ iter %d: %s %d -> %d (%.0f%% of the unpruned %d)",
+                    index, total, iteration, kind, old, new, 100 * new / original, original,
+                )
+            storage.put_scalar(f"pruning/width/{kind}", new, smoothing_hint=False)
+        _, tensor = test_inputs(self.cfg, model)
+        storage.put_scalars(
+            smoothing_hint=False,
+            **{
+                "pruning/event": index,
+                "pruning/params": count_params(model),
+                "pruning/backbone_flops": count_flops(model.backbone, tensor)["total"],
+                "pruning/score_seconds": score_seconds,
+            },
+        )
+
+    def _evaluate(self, when: str) -> None:
+        results = self.trainer.test(self.cfg, self.trainer.model)
+        if comm.is_main_process():
+            flat = flatten_results_dict(results)
+            self.trainer.storage.put_scalars(
+                smoothing_hint=False, **{f"pruning/{when}/{k}": float(v) for k, v in flat.items()}
+            )
+
+    def _flush_writers(self) -> None:
+        # Writers keep only the latest value of each key: without writing now, an event
+        # followed by another before the next periodic write would be missing from the curve.
+        for hook in self.trainer._hooks:
+            if isinstance(hook, hooks.PeriodicWriter):
+                for writer in hook._writers:
+                    if not isinstance(writer, CommonMetricPrinter):
+                        writer.write()
+
+    def state_dict(self):
+        return {
+            "events_done": self.events_done,
+            "original_spec": self.original_spec,
+            "original_flops": self.original_flops,
+        }
+
+    def load_state_dict(self, state_dict):
+        self.events_done = state_dict["events_done"]
+        self.original_spec = state_dict["original_spec"]
+        self.original_flops = state_dict["original_flops"]
+
+
+def check_same_on_all_ranks(keep: Mapping[str, Sequence[int]]) -> None:
+    """Fail when the ranks chose different channels: their models would no longer match."""
+    text = json.dumps(sorted((name, list(map(int, idx))) for name, idx in keep.items()))
+    digests = comm.all_gather(hashlib.sha1(text.encode()).hexdigest())
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"pruning: the ranks chose different channels to keep ({digests})")
+
+
+def sliced_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, keep: Mapping[str, Sequence[int]]
+) -> Dict[str, Dict]:
+    """The optimizer's state (e.g. SGD momentum) cut as `prune(model, keep)` will cut the
+    parameters, by parameter name; call it before pruning.
+
+    Each state tensor shaped like its parameter is written into a deep copy of the model in
+    place of the parameter, the copy goes through the same `prune`, and the slices are read
+    back: one surgery path for weights and optimizer state. Other state entries (step
+    counters) are kept; parameters without state get none.
+    """
+    model = unwrap(model)
+    params = dict(model.named_parameters())
+    by_id = {id(p): name for name, p in params.items()}
+    states = {by_id[id(p)]: s for p, s in optimizer.state.items() if id(p) in by_id and s}
+    sliced = {name: dict(s) for name, s in states.items()}
+    keys = {
+        key for name, s in states.items() for key, value in s.items()
+        if torch.is_tensor(value) and value.shape == params[name].shape
+    }
+    for key in sorted(keys):
+        shadow = copy.deepcopy(model)
+        shadow_params = dict(shadow.named_parameters())
+        with torch.no_grad():
+            for name, s in states.items():
+                if key in s and s[key].shape == params[name].shape:
+                    shadow_params[name].copy_(s[key])
+            prune(shadow, keep)
+        shadow_params = dict(shadow.named_parameters())
+        for name, s in states.items():
+            if key in s and s[key].shape == params[name].shape:
+                sliced[name][key] = shadow_params[name].detach().to(s[key].dtype).clone()
+    return sliced

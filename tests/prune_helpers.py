@@ -1,0 +1,37 @@
+"""Helpers for the pruning-while-training tests: a tiny dataset and a config that prunes often."""
+
+from pathlib import Path
+
+from d2prune.config import setup_cfg
+from d2prune.data import register_datasets
+from d2prune.data.synthetic import generate, split_paths
+
+from .conftest import CONFIG, tiny_opts
+
+
+def tiny_dataset(root: Path, name: str, num_images: int) -> list:
+    """Generate `num_images` 96 px target-domain images under `root`: a DATASETS.COCO entry."""
+    generate(root, "target", "train", num_images, image_size=96, min_objects=2, workers=1)
+    json_file, image_root = split_paths(root, "target", "train")
+    return [name, str(json_file), str(image_root)]
+
+
+def prune_cfg(dataset: list, out: Path, iters: int, events=(1, 3), *opts):
+    """A tiny config that trains on `dataset` and prunes `block` channels to 50 % over
+    `len(events)` l1 events at the iterations `events` (first, last), without evaluating."""
+    cfg = setup_cfg(
+        CONFIG,
+        [
+            *tiny_opts(out / "no-synthetic-data", out, iters),
+            "DATASETS.TRAIN", f"('{dataset[0]}',)", "DATASETS.TEST", "()",
+            "SOLVER.BASE_LR", "0.005",
+            "PRUNE.ENABLED", "True", "PRUNE.SCHEDULE", "iterative", "PRUNE.RATIO", "0.5",
+            "PRUNE.START_ITER", str(events[0]), "PRUNE.END_ITER", str(events[-1]),
+            "PRUNE.NUM_EVENTS", str(len(events)),
+            *opts,
+        ],
+        [dataset],
+    )
+    register_datasets(cfg)
+    cfg.freeze()
+    return cfg
