@@ -3,7 +3,6 @@
 
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEMO_OUT ?= output/demo
 
 .PHONY: setup demo demo-prune benchmark test data lint clean
 
@@ -15,17 +14,16 @@ data: setup
 
 # Source-domain pre-training from scratch on the synthetic data, evaluated on its val split.
 demo: data
-	$(PY) tools/train_net.py --resume --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
-		OUTPUT_DIR $(DEMO_OUT)/source
-	$(PY) tools/summarize.py $(DEMO_OUT)/source
+	$(PY) tools/train_net.py --resume --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml
+	$(PY) tools/summarize.py output/synthetic/source
 
 # One-shot pruning of the demo's source model (run `make demo` first): 30 % and 50 % of the
-# `block` channels by l1 norm, reports in $(DEMO_OUT)/prune_l1_{30,50}/report.md.
+# `block` channels by l1 norm, reports in output/synthetic/oneshot/l1_{30,50}/report.md.
 demo-prune: setup
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
-		--criterion l1 --ratio 0.3 --output $(DEMO_OUT)/prune_l1_30 MODEL.WEIGHTS $(DEMO_OUT)/source/model_final.pth
+		--criterion l1 --ratio 0.3 --output output/synthetic/oneshot/l1_30 MODEL.WEIGHTS output/synthetic/source/model_final.pth
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
-		--criterion l1 --ratio 0.5 --output $(DEMO_OUT)/prune_l1_50 MODEL.WEIGHTS $(DEMO_OUT)/source/model_final.pth
+		--criterion l1 --ratio 0.5 --output output/synthetic/oneshot/l1_50 MODEL.WEIGHTS output/synthetic/source/model_final.pth
 
 # Engine benchmark on R50-FPN (CPU): surgery time, ResNet latency cut per FLOPs cut.
 benchmark: setup
