@@ -33,7 +33,7 @@ def run_summary_table(output_dirs: List[str]) -> str:
                 f"{s['train_seconds'] / 60:.1f} min ({s['iterations']} it run)",
             ]
         )
-    return tabulate(rows, headers=["run", "bbox AP", "bbox AP50", "iterations", "train wall time"])
+    return tabulate(rows, headers=["run", "bbox AP", "bbox AP50", "iterations", "wall time (train + eval)"])
 
 
 _COLUMNS = (
