@@ -99,6 +99,13 @@ def run_tool(tool: str, *args) -> subprocess.CompletedProcess:
     )
 
 
+def eval_only_ap(root, out, weights) -> float:
+    """The bbox AP that `train_net.py --eval-only` prints for `weights` on the tiny set."""
+    proc = run_tool("train_net.py", "--config-file", CONFIG, "--eval-only", *tiny_opts(root, out), "MODEL.WEIGHTS", weights)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return copypaste_ap(proc.stdout)
+
+
 def copypaste_ap(stdout: str) -> float:
     """The bbox AP that Detectron2 logs as "copypaste: AP,AP50,..." then "copypaste: <values>"."""
     values = [ln.split("copypaste: ", 1)[1] for ln in stdout.splitlines() if "copypaste: " in ln]

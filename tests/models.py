@@ -14,6 +14,8 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
+from d2prune.analysis.complexity import dummy_inputs
+
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 HEIGHT, WIDTH = 64, 96
 
@@ -157,15 +159,7 @@ def _randomize(model: torch.nn.Module) -> None:
 
 def images(n: int = 1, seed: int = 0) -> List[dict]:
     """Detectron2 inputs: `n` random images of HEIGHT x WIDTH."""
-    generator = torch.Generator().manual_seed(seed)
-    return [
-        {
-            "image": torch.rand(3, HEIGHT, WIDTH, generator=generator) * 255,
-            "height": HEIGHT,
-            "width": WIDTH,
-        }
-        for _ in range(n)
-    ]
+    return dummy_inputs(HEIGHT, WIDTH, batch=n, seed=seed)
 
 
 def with_targets(inputs: List[dict]) -> List[dict]:
