@@ -20,7 +20,7 @@ from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
 from .checkpoint import PrunedCheckpointer
-from .selection import build_criterion, choose_keep, test_inputs
+from .selection import build_criterion, choose_keep, sample_inputs
 from .trainer import Trainer, build_coco_evaluator
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def evaluate(cfg, model, folder: str) -> Dict[str, float]:
 def measure(cfg, model, latency_repeats: int = 10) -> Dict[str, float]:
     """Size and speed of `model` at the config's test resolution."""
     model.eval()
-    inputs, tensor = test_inputs(cfg, model)
+    inputs, tensor = sample_inputs(cfg, model)
     return {
         "params": count_params(model),
         "flops": count_flops(model, inputs)["total"],

@@ -23,7 +23,7 @@ from ..analysis.complexity import count_flops, count_params
 from ..pruning import channel_spec, find_groups, prune
 from ..pruning.groups import unwrap
 from ..pruning.schedule import PruningSchedule
-from .selection import build_criterion, choose_keep, test_inputs
+from .selection import build_criterion, choose_keep, sample_inputs
 
 __all__ = ["PruningHook", "sliced_optimizer_state"]
 
@@ -58,7 +58,7 @@ class PruningHook(HookBase):
         if self.original_spec is None:
             self.original_spec = channel_spec(model)
         if self._flops_mode and self.original_flops is None:
-            inputs, _ = test_inputs(self.cfg, model)
+            inputs, _ = sample_inputs(self.cfg, model)
             self.original_flops = count_flops(model, inputs)["total"]
 
     def after_step(self):
@@ -120,7 +120,7 @@ class PruningHook(HookBase):
                     index, total, iteration, kind, old, new, 100 * new / original, original,
                 )
             storage.put_scalar(f"pruning/width/{kind}", new, smoothing_hint=False)
-        _, tensor = test_inputs(self.cfg, model)
+        _, tensor = sample_inputs(self.cfg, model)
         storage.put_scalars(
             smoothing_hint=False,
             **{

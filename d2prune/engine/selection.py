@@ -18,7 +18,7 @@ from ..pruning import find_groups
 from ..pruning.budget import select_channels, select_for_flops
 from ..pruning.groups import unwrap
 
-__all__ = ["build_criterion", "choose_keep", "test_inputs"]
+__all__ = ["build_criterion", "choose_keep", "sample_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def build_criterion(cfg) -> criteria.Criterion:
     return criteria.build(cfg.PRUNE.CRITERION, **criterion_options(cfg))
 
 
-def test_inputs(cfg, model):
+def sample_inputs(cfg, model):
     """Random inputs at the config's test resolution: a detectron2 batch of one square image,
     and the normalised tensor the backbone alone takes (side padded to FPN's multiple of 32)."""
     side = cfg.INPUT.MIN_SIZE_TEST
@@ -76,7 +76,7 @@ def choose_keep(
         min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO, original=original,
     )
     if flops_mode:
-        inputs, _ = test_inputs(cfg, model)
+        inputs, _ = sample_inputs(cfg, model)
         keep = select_for_flops(
             model, groups, scores, flops_reduction=target, baseline=original_flops,
             measure=lambda m: count_flops(m, inputs)["total"], **options,
