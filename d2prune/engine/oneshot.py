@@ -82,14 +82,13 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     model.eval()
 
     report = {
-        "config": cfg.get("_source_file", ""),
         "weights": cfg.MODEL.WEIGHTS,
         "criterion": cfg.PRUNE.CRITERION,
         "ratio": cfg.PRUNE.RATIO if cfg.PRUNE.FLOPS_REDUCTION <= 0 else None,
         "flops_reduction_target": cfg.PRUNE.FLOPS_REDUCTION or None,
         "mode": cfg.PRUNE.MODE,
         "kinds": list(cfg.PRUNE.KINDS),
-        "dataset": cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None,
+        "dataset": cfg.DATASETS.TEST[0],
     }
     logger.info("Evaluating the model before pruning")
     report["before"] = {**evaluate(cfg, model, os.path.join(output_dir, "eval_before")), **measure(cfg, model, latency_repeats)}
