@@ -13,6 +13,7 @@ from torch import nn
 from .. import criteria
 from ..analysis.complexity import count_flops, dummy_inputs, dummy_tensor
 from ..config import criterion_options
+from ..criteria.collector import collect_statistics
 from ..errors import UserError
 from ..pruning import find_groups
 from ..pruning.budget import select_channels, select_for_flops
@@ -66,9 +67,6 @@ def choose_keep(
     if criterion.data != "none":
         if batches is None:
             raise UserError(f"PRUNE.CRITERION '{p.CRITERION}' needs training batches to score channels.")
-        # Only data-driven criteria need the collector (forward hooks, losses, all-reduce).
-        from ..criteria.collector import collect_statistics
-
         stats = collect_statistics(model, groups, criterion, batches)
     scores = criterion.score(model, groups, stats)
     options = dict(
