@@ -63,7 +63,7 @@ def main(args):
     cfg.OUTPUT_DIR = args.output
     cfg.freeze()
     register_datasets(cfg)
-    validate_datasets(cfg, cfg.DATASETS.TEST[:1])
+    validate_datasets(cfg, list(cfg.DATASETS.TEST[:1]) + list(cfg.DATASETS.TRAIN))
     check_weights(cfg)
     report = prune_oneshot(cfg, args.output, args.finetune_iters, args.latency_repeats)
     print(open(f"{args.output}/report.md", encoding="utf-8").read())

@@ -2,7 +2,8 @@
 fed with training batches, gather what the criterion's `Accumulator`s ask for as running sums.
 """
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import contextlib
+from typing import ContextManager, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from detectron2.utils import comm
@@ -45,6 +46,12 @@ class Accumulator:
     def zeros(self, *shape: int) -> torch.Tensor:
         return torch.zeros(*shape, dtype=torch.float64, device=self.device)
 
+    def begin_batch(self, batch: List[dict], padded_size: Tuple[int, int]) -> None:
+        """Open a batch: the detectron2 inputs (with their `instances` when the criterion asks for
+        targets) and the (height, width) of the padded image tensor the backbone sees, so that a
+        feature map of height h has stride padded_size[0] / h. Ground-truth boxes are in the
+        coordinates of `batch[i]["image"]`, which padding does not move."""
+
     def update(self, a: torch.Tensor, grad: Optional[torch.Tensor] = None) -> None:
         """Fold in one activation `a` of the producer (detached), and dL/da if `wants_grad`."""
 
@@ -66,6 +73,18 @@ class StatisticsCriterion(Criterion):
 
     def accumulator(self, module: nn.Module, group: ChannelGroup) -> Accumulator:
         raise NotImplementedError
+
+    def objective(self, detector: nn.Module, batch: List[dict]) -> torch.Tensor:
+        """The scalar whose gradients reach accumulators that want them: by default the
+        detector's summed training losses. Criteria that explain a class score (lrp, gradcam)
+        return that score instead; producers run by this forward are the ones recorded."""
+        return sum(detector(batch).values())
+
+    def propagation(self, detector: nn.Module) -> ContextManager:
+        """A context active while statistics are collected, entered before the collector's own
+        hooks are placed, so that forward hooks it registers (LRP's modified backward rules)
+        run first and the collector records their outputs. By default: nothing."""
+        return contextlib.nullcontext()
 
     def score_group(
         self, group: ChannelGroup, modules: Mapping[str, nn.Module], stats: Optional[Mapping]
@@ -132,26 +151,32 @@ def collect_statistics(
 
         return forward_hook
 
-    handles = [modules[name].register_forward_hook(hook(acc)) for name, acc in stats.items()]
     device = next(detector.parameters()).device
     rng_devices = [device] if device.type == "cuda" else []
+    divisibility = max(getattr(detector.backbone, "size_divisibility", 0), 1)
     seen = 0
+    handles = []
     try:
-        detector.train()
-        for m in detector.modules():
-            if isinstance(m, _BatchNorm):
-                m.eval()
-        for p in frozen:
-            p.requires_grad_(True)
-        with torch.random.fork_rng(devices=rng_devices), EventStorage():
-            # A throwaway EventStorage: the heads log training metrics that are not the trainer's.
-            torch.manual_seed(seed)
-            for batch in tqdm(
-                batches, desc=f"{criterion.name} statistics", leave=False,
-                disable=not comm.is_main_process(),
-            ):
-                _run_batch(detector, batch, stats, recorded, wants_grad)
-                seen += 1
+        with criterion.propagation(detector):
+            handles = [modules[name].register_forward_hook(hook(acc)) for name, acc in stats.items()]
+            detector.train()
+            for m in detector.modules():
+                if isinstance(m, _BatchNorm):
+                    m.eval()
+            for p in frozen:
+                p.requires_grad_(True)
+            with torch.random.fork_rng(devices=rng_devices), EventStorage():
+                # A throwaway EventStorage: the heads log training metrics that are not the trainer's.
+                torch.manual_seed(seed)
+                for batch in tqdm(
+                    batches, desc=f"{criterion.name} statistics", leave=False,
+                    disable=not comm.is_main_process(),
+                ):
+                    padded = _padded_size(batch, divisibility)
+                    for acc in stats.values():
+                        acc.begin_batch(batch, padded)
+                    _run_batch(criterion, detector, batch, stats, recorded, wants_grad)
+                    seen += 1
     finally:
         recorded.clear()
         for handle in handles:
@@ -166,7 +191,14 @@ def collect_statistics(
     return stats
 
 
-def _run_batch(detector, batch, stats, recorded, wants_grad) -> None:
+def _padded_size(batch: List[dict], divisibility: int) -> Tuple[int, int]:
+    """(height, width) of the tensor `ImageList.from_tensors` pads `batch`'s images into."""
+    height = max(x["image"].shape[-2] for x in batch)
+    width = max(x["image"].shape[-1] for x in batch)
+    return -(-height // divisibility) * divisibility, -(-width // divisibility) * divisibility
+
+
+def _run_batch(criterion, detector, batch, stats, recorded, wants_grad) -> None:
     if not wants_grad:
         with torch.no_grad():
             detector(batch)
@@ -174,7 +206,7 @@ def _run_batch(detector, batch, stats, recorded, wants_grad) -> None:
             acc.end_batch()
         return
     with torch.enable_grad():
-        loss = sum(detector(batch).values())
+        loss = criterion.objective(detector, batch)
         params = [p for acc in stats.values() for p in acc.parameters]
         outputs = [a for _, a in recorded]
         grads = torch.autograd.grad(loss, outputs + params, materialize_grads=True)

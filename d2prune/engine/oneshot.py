@@ -4,10 +4,11 @@ The flow behind `tools/prune_net.py`. Fine-tuning goes through the pruned checkp
 ordinary trainer, so a pruned model is trained exactly as it will later be reloaded.
 """
 
+import itertools
 import logging
 import os
 import time
-from typing import Dict
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from detectron2.evaluation import inference_on_dataset
@@ -61,13 +62,19 @@ def check_oneshot_config(cfg) -> criteria.Criterion:
     if not cfg.DATASETS.TEST:
         raise UserError("DATASETS.TEST is empty: name the dataset to evaluate before and after pruning.")
     criterion = build_criterion(cfg)
-    if criterion.data != "none":
-        weight_only = [n for n in criteria.available() if criteria.build(n).data == "none"]
+    if criterion.data != "none" and not cfg.DATASETS.TRAIN:
         raise UserError(
-            f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training data; one-shot pruning takes "
-            f"the weight-only criteria: {', '.join(weight_only)}."
+            f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' scores channels on training images: name them "
+            "in DATASETS.TRAIN (or pick a weight-only criterion such as l1)."
         )
     return criterion
+
+
+def scoring_batches(cfg, criterion: criteria.Criterion) -> Optional[Iterator[List[dict]]]:
+    """PRUNE.SCORE_BATCHES batches of the training loader for a data-driven criterion, else None."""
+    if criterion.data == "none":
+        return None
+    return itertools.islice(iter(Trainer.build_train_loader(cfg)), cfg.PRUNE.SCORE_BATCHES)
 
 
 def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats: int = 10) -> Dict:
@@ -95,7 +102,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     spec_before = channel_spec(model)
     groups = find_groups(model)
 
-    keep = choose_keep(cfg, model, criterion)
+    keep = choose_keep(cfg, model, criterion, scoring_batches(cfg, criterion))
     start = time.perf_counter()
     with torch.no_grad():
         prune(model, keep)
