@@ -71,6 +71,10 @@ class StatisticsCriterion(Criterion):
 
     data = "images"
 
+    def prepare(self, detector: nn.Module) -> None:
+        """Called once before any `accumulator`: read what the accumulators need to size their
+        sums from the detector (e.g. its number of classes). By default: nothing."""
+
     def accumulator(self, module: nn.Module, group: ChannelGroup) -> Accumulator:
         raise NotImplementedError
 
@@ -123,6 +127,7 @@ def collect_statistics(
     """
     detector = unwrap(model)
     modules = dict(detector.named_modules())
+    criterion.prepare(detector)
     stats = {
         name: criterion.accumulator(modules[name], group)
         for group in groups
