@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo demo-prune benchmark test data lint clean
+.PHONY: setup demo study study-full source demo-prune benchmark test data lint clean
 
 setup:
 	@bash tools/setup/install.sh
@@ -12,18 +12,42 @@ setup:
 data: setup
 	$(PY) tools/make_synthetic.py
 
-# Source-domain pre-training from scratch on the synthetic data, evaluated on its val split.
+STUDY_CONFIG := configs/synthetic/study/faster_rcnn_R18_FPN_study.yaml
+
+# The whole story at small scale (about 15 minutes on 2 cores): the shipped source model
+# fine-tuned on 40 target images, unpruned and pruned while training (half of the block channels)
+# by three criteria, one seed; prints the table and the paths of the report and the plot.
 demo: data
+	$(PY) tools/study.py --config-file $(STUDY_CONFIG) --output output/demo \
+		--criteria l1 taylor mi --ratios 0.5 --seeds 0 --train-sizes 40 --jobs 1
+
+# The transfer study (about two hours on 2 cores; resumes where it stopped): every registered
+# criterion at half of the block channels, 3 seeds, beside the unpruned fine-tune; writes
+# docs/results.md. `make study-full` then adds ratios 0.3 and 0.7 and 20/100 target images.
+study: data
+	$(PY) tools/study.py --config-file $(STUDY_CONFIG) --output output/study \
+		--ratios 0.5 --seeds 0 1 2 --train-sizes 40 --jobs 1 --report docs/results.md
+
+study-full: data
+	$(PY) tools/study.py --config-file $(STUDY_CONFIG) --output output/study \
+		--ratios 0.3 0.5 0.7 --seeds 0 1 2 --train-sizes 20 40 100 --size-criteria l1 taylor \
+		--jobs 1 --report docs/results.md
+
+# Rebuild the shipped source model (about an hour on 2 cores): pre-training from scratch on the
+# synthetic source domain, then packed as models/faster_rcnn_R18_FPN_source.pth.
+source: data
 	$(PY) tools/train_net.py --resume --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml
 	$(PY) tools/summarize.py output/synthetic/source
+	$(PY) tools/pack_model.py output/synthetic/source/model_final.pth models/faster_rcnn_R18_FPN_source.pth \
+		--note "make source at commit $$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
-# One-shot pruning of the demo's source model (run `make demo` first): 30 % and 50 % of the
+# One-shot pruning of the shipped source model: 30 % and 50 % of the
 # `block` channels by l1 norm, reports in output/synthetic/oneshot/l1_{30,50}/report.md.
 demo-prune: setup
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
-		--criterion l1 --ratio 0.3 --output output/synthetic/oneshot/l1_30 MODEL.WEIGHTS output/synthetic/source/model_final.pth
+		--criterion l1 --ratio 0.3 --output output/synthetic/oneshot/l1_30 MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
-		--criterion l1 --ratio 0.5 --output output/synthetic/oneshot/l1_50 MODEL.WEIGHTS output/synthetic/source/model_final.pth
+		--criterion l1 --ratio 0.5 --output output/synthetic/oneshot/l1_50 MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
 
 # Engine benchmark on R50-FPN (CPU): surgery time, ResNet latency cut per FLOPs cut.
 benchmark: setup

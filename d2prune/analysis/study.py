@@ -1,0 +1,253 @@
+"""The transfer study's results turned into an answer: mean and spread over seeds, paired
+comparisons with the unpruned baseline, latency per architecture, a markdown table and plots.
+"""
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+__all__ = ["summarize", "answer", "markdown_table", "plot_ap_vs_flops", "plot_ap_vs_train_size", "spec_key",
+           "write_csv", "paired_t_test"]
+
+
+def spec_key(spec: Mapping[str, int]) -> str:
+    """A stable key of an architecture (its channel spec)."""
+    return json.dumps(dict(sorted(spec.items())))
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    values = list(values)
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else float("nan")
+
+
+def paired_t_test(differences: Sequence[float]) -> float:
+    """Two-sided p-value of the paired t-test that the mean difference is zero (nan below two
+    pairs). With 3 seeds it has 2 degrees of freedom: only large, consistent effects reach p < 0.05."""
+    n = len(differences)
+    if n < 2:
+        return float("nan")
+    mean, std = _mean_std(differences)
+    if std == 0:
+        return 0.0 if mean != 0 else 1.0
+    from scipy import stats
+
+    t = mean / (std / math.sqrt(n))
+    return float(2 * stats.t.sf(abs(t), df=n - 1))
+
+
+def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], Optional[float]]] = None) -> List[Dict]:
+    """One row per (train size, criterion, ratio), baseline rows (criterion None) included:
+    mean and std over seeds of AP and AP50; params and FLOPs; and, against the baseline of the
+    same train size on the seeds both have, the mean and std of the AP difference, its paired
+    t-test p-value, and FLOPs/params/latency as shares of the baseline's."""
+    cells: Dict[Tuple, List[Mapping]] = defaultdict(list)
+    for r in results:
+        cells[r["train_size"], r["criterion"], r["ratio"]].append(r)
+    rows = []
+    for (size, criterion, ratio), runs in cells.items():
+        ap, ap_std = _mean_std([r["bbox_AP"] for r in runs])
+        ap50, ap50_std = _mean_std([r["bbox_AP50"] for r in runs])
+        rows.append({
+            "train_size": size, "criterion": criterion, "ratio": ratio, "seeds": sorted(r["seed"] for r in runs),
+            "AP": ap, "AP_std": ap_std, "AP50": ap50, "AP50_std": ap50_std,
+            "params": statistics.fmean(r["params"] for r in runs),
+            "flops": statistics.fmean(r["flops"] for r in runs),
+            "backbone_flops": statistics.fmean(r["backbone_flops"] for r in runs),
+            "latency_ms": latency(runs[0]) if latency else None,
+            "runs": runs,
+        })
+    baselines = {row["train_size"]: row for row in rows if row["criterion"] is None}
+    for row in rows:
+        base = baselines.get(row["train_size"])
+        if base is None:
+            continue
+        base_ap = {r["seed"]: r["bbox_AP"] for r in base["runs"]}
+        diffs = [r["bbox_AP"] - base_ap[r["seed"]] for r in row["runs"] if r["seed"] in base_ap]
+        row["dAP"], row["dAP_std"] = _mean_std(diffs) if diffs else (float("nan"), float("nan"))
+        row["pairs"] = len(diffs)
+        row["p"] = paired_t_test(diffs)
+        for key in ("params", "flops", "backbone_flops"):
+            row[f"{key}_share"] = row[key] / base[key]
+        if row["latency_ms"] and base["latency_ms"]:
+            row["latency_share"] = row["latency_ms"] / base["latency_ms"]
+    rows.sort(key=lambda r: (r["train_size"], r["criterion"] is not None, r["ratio"], r["criterion"] or ""))
+    return rows
+
+
+def answer(rows: Sequence[Mapping], train_size: int) -> List[str]:
+    """Plain sentences: for each criterion, the largest backbone-FLOPs reduction at which its
+    mean AP over seeds beats the baseline's mean, or matches it (within the baseline's std over
+    seeds), on `train_size` target images."""
+    base = next((r for r in rows if r["criterion"] is None and r["train_size"] == train_size), None)
+    if base is None:
+        return [f"No baseline on {train_size} images yet."]
+    tolerance = base["AP_std"] if not math.isnan(base["AP_std"]) else 0.0
+    lines = [f"Baseline (unpruned fine-tune, {len(base['seeds'])} seeds): AP {base['AP']:.2f} ± {tolerance:.2f}."]
+    by_criterion = defaultdict(list)
+    for r in rows:
+        if r["criterion"] is not None and r["train_size"] == train_size:
+            by_criterion[r["criterion"]].append(r)
+    for name, cells in sorted(by_criterion.items()):
+        beat = [r for r in cells if r["AP"] >= base["AP"]]
+        match = [r for r in cells if r["AP"] >= base["AP"] - tolerance]
+
+        def best(found):
+            r = max(found, key=lambda r: 1 - r["backbone_flops_share"])
+            return (f"{100 * (1 - r['backbone_flops_share']):.0f} % fewer backbone FLOPs (ratio {r['ratio']:g}, "
+                    f"ΔAP {r['dAP']:+.2f} ± {r['dAP_std']:.2f}, p {r['p']:.2f})")
+
+        if beat:
+            lines.append(f"{name}: beats the baseline's mean up to {best(beat)}.")
+        elif match:
+            lines.append(f"{name}: within the baseline's seed spread up to {best(match)}; never above its mean.")
+        else:
+            worst = min(cells, key=lambda r: r["ratio"])
+            lines.append(f"{name}: below the baseline at every ratio (at {worst['ratio']:g}: ΔAP {worst['dAP']:+.2f}).")
+    return lines
+
+
+def _fmt(value, spec=".1f", empty="–"):
+    return empty if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def markdown_table(rows: Sequence[Mapping]) -> str:
+    """The study table: one line per (train size, criterion, ratio), relative to the baseline."""
+    head = ("| train imgs | criterion | ratio | seeds | AP | AP50 | ΔAP vs baseline (paired) | p | params (M) "
+            "| backbone GFLOPs | latency ms |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        base = r["criterion"] is None
+        lines.append("| " + " | ".join([
+            str(r["train_size"]),
+            "**unpruned**" if base else r["criterion"],
+            "–" if base else f"{r['ratio']:g}",
+            str(len(r["seeds"])),
+            f"{r['AP']:.2f} ± {_fmt(r['AP_std'], '.2f')}",
+            f"{r['AP50']:.2f} ± {_fmt(r['AP50_std'], '.2f')}",
+            "–" if base else f"{_fmt(r.get('dAP'), '+.2f')} ± {_fmt(r.get('dAP_std'), '.2f')}",
+            "–" if base else _fmt(r.get("p"), ".2f"),
+            f"{r['params'] / 1e6:.2f}" + ("" if base else f" ({100 * r.get('params_share', float('nan')):.0f} %)"),
+            f"{r['backbone_flops'] / 1e9:.3f}" + ("" if base else f" ({100 * r.get('backbone_flops_share', float('nan')):.0f} %)"),
+            _fmt(r["latency_ms"]) + ("" if base or "latency_share" not in r else f" ({100 * r['latency_share']:.0f} %)"),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ap_vs_flops(rows: Sequence[Mapping], train_size: int, path: str) -> str:
+    """AP (mean ± std over seeds) against backbone GFLOPs, one line per criterion, with the
+    baseline's mean and seed spread as a band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    base = next((r for r in rows if r["criterion"] is None and r["train_size"] == train_size), None)
+    if base is not None:
+        std = 0.0 if math.isnan(base["AP_std"]) else base["AP_std"]
+        ax.axhspan(base["AP"] - std, base["AP"] + std, color="0.85", zorder=0)
+        ax.axhline(base["AP"], color="0.3", ls="--", lw=1, label="unpruned (mean ± std)")
+        ax.errorbar([base["backbone_flops"] / 1e9], [base["AP"]], yerr=[std], fmt="ks", capsize=3)
+    names = sorted({r["criterion"] for r in rows if r["criterion"] and r["train_size"] == train_size})
+    for i, name in enumerate(names):
+        cells = sorted((r for r in rows if r["criterion"] == name and r["train_size"] == train_size),
+                       key=lambda r: r["backbone_flops"])
+        x = [r["backbone_flops"] / 1e9 + (i - len(names) / 2) * 0.002 for r in cells]
+        yerr = [0.0 if math.isnan(r["AP_std"]) else r["AP_std"] for r in cells]
+        ax.errorbar(x, [r["AP"] for r in cells], yerr=yerr, marker="o", ms=4, capsize=2, lw=1, label=name)
+    ax.set_xlabel("backbone GFLOPs at the test resolution")
+    ax.set_ylabel("target val bbox AP")
+    ax.set_title(f"Pruned fine-tunes vs the unpruned one ({train_size} target images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ap_vs_train_size(rows: Sequence[Mapping], path: str) -> Optional[str]:
+    """AP (mean ± std) against the number of target training images, per criterion and ratio
+    that was run at more than one size; None when the study has one size only."""
+    series = defaultdict(list)
+    for r in rows:
+        series[r["criterion"], r["ratio"]].append(r)
+    series = {k: sorted(v, key=lambda r: r["train_size"]) for k, v in series.items() if len(v) > 1}
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for (name, ratio), cells in sorted(series.items(), key=lambda kv: (kv[0][0] is not None, str(kv[0]))):
+        label = "unpruned" if name is None else f"{name} {ratio:g}"
+        yerr = [0.0 if math.isnan(r["AP_std"]) else r["AP_std"] for r in cells]
+        ax.errorbar([r["train_size"] for r in cells], [r["AP"] for r in cells], yerr=yerr, marker="o",
+                    capsize=3, lw=2 if name is None else 1, color="k" if name is None else None, label=label)
+    ax.set_xscale("log")
+    ax.set_xticks(sorted({r["train_size"] for v in series.values() for r in v}))
+    ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("target training images")
+    ax.set_ylabel("target val bbox AP")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_csv(rows: Sequence[Mapping], path: str) -> None:
+    """Every run of `rows` as one CSV line (the spec left out)."""
+    import csv
+    import io
+
+    from ..utils.io import atomic_write_text
+
+    runs = [run for row in rows for run in row["runs"]]
+    keys = [k for k in runs[0] if k != "spec"] if runs else []
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(runs)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_report(
+    path: str, rows: Sequence[Mapping], main_size: int, plots: Sequence[str], command: str,
+    machine: str, elapsed: str, title: str = "Transfer study",
+) -> str:
+    """The study as markdown at `path`: the answer in sentences, the table, the plots (linked
+    relative to `path`), the command that produced it, the machine and the time taken."""
+    import os
+
+    from ..utils.io import atomic_write_text
+
+    folder = os.path.dirname(os.path.abspath(path))
+    parts = [
+        f"# {title}\n",
+        "Fine-tunes of the source model on the synthetic target domain: the unpruned fine-tune "
+        "(baseline) and fine-tunes that prune while they train, with the same seeds and schedule; "
+        "evaluated on the target val split. ΔAP is paired by seed; p is the paired t-test's.\n",
+        "## Answer\n",
+        *(f"- {line}" for line in answer(rows, main_size)),
+        "",
+        "## Table\n",
+        markdown_table(rows),
+        *(f"![{os.path.basename(p)}]({os.path.relpath(p, folder)})\n" for p in plots if p),
+        "## How it was made\n",
+        f"```\n{command}\n```\n",
+        f"- machine: {machine}",
+        f"- time: {elapsed}",
+        "- latency: median of repeated CPU runs of the whole detector on one image at the test "
+        "resolution, measured after the fine-tunes, one architecture at a time.",
+        "",
+    ]
+    atomic_write_text(path, "\n".join(parts))
+    return path

@@ -1,0 +1,268 @@
+"""The transfer study: fine-tunes of one source model on a small target set, pruned by each
+criterion at each ratio and seed, beside the unpruned fine-tune with the same seeds and schedule.
+
+Every run is its own process (`run_study` starts them, `run_job` is what each one does), writes
+into its own folder and resumes from its last checkpoint; finished runs are appended to one
+`results.jsonl`, so a killed study loses at most the runs in flight and a rerun skips the rest.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, List, Optional, Sequence
+
+from detectron2.utils.logger import setup_logger
+from tqdm import tqdm
+
+from .. import criteria
+from ..analysis.complexity import count_flops, count_params
+from ..config import setup_cfg
+from ..data import register_datasets, validate_datasets
+from ..data.synthetic import generate, split_paths
+from ..errors import UserError
+from ..pruning import channel_spec
+from ..pruning.groups import unwrap
+from ..utils.io import atomic_write_text
+from .oneshot import bbox_metrics
+from .selection import sample_inputs
+from .trainer import PruningTrainer, Trainer
+
+__all__ = ["Job", "plan", "prepare_target_subsets", "run_job", "run_study", "load_results"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tune of the study. `criterion` None is the unpruned baseline."""
+
+    criterion: Optional[str]
+    ratio: float
+    seed: int
+    train_size: int
+
+    @property
+    def name(self) -> str:
+        what = "baseline" if self.criterion is None else f"{self.criterion}_r{self.ratio:g}"
+        return f"{what}_n{self.train_size}_s{self.seed}"
+
+    def overrides(self) -> List[str]:
+        """KEY VALUE pairs that make the study config into this run."""
+        opts = ["SEED", str(self.seed), "DATASETS.TRAIN", f"('{train_dataset(self.train_size)}',)"]
+        if self.criterion is None:
+            return opts + ["PRUNE.ENABLED", "False"]
+        return opts + ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion,
+                       "PRUNE.RATIO", str(self.ratio)]
+
+
+def plan(
+    criteria_names: Sequence[str],
+    ratios: Sequence[float],
+    seeds: Sequence[int],
+    train_sizes: Sequence[int],
+    main_size: int,
+    size_criteria: Sequence[str] = (),
+    size_ratio: float = 0.5,
+) -> List[Job]:
+    """The study's runs: every criterion x ratio x seed on `main_size` target images, plus, for
+    each other train size, the baseline and `size_criteria` at `size_ratio`; baselines first,
+    so the comparison has its reference as early as possible."""
+    for name in dict.fromkeys([*criteria_names, *size_criteria]):
+        if name not in criteria.available():
+            criteria.build(name)  # a UserError that suggests the closest names
+    for ratio in list(ratios) + [size_ratio]:
+        if not 0 < ratio < 1:
+            raise UserError(f"pruning ratio {ratio} is outside (0, 1).")
+    if main_size not in train_sizes:
+        train_sizes = [main_size, *train_sizes]
+    jobs = [Job(None, 0.0, s, n) for n in train_sizes for s in seeds]
+    jobs += [Job(c, r, s, main_size) for r in ratios for c in criteria_names for s in seeds]
+    jobs += [
+        Job(c, size_ratio, s, n)
+        for n in train_sizes if n != main_size for c in size_criteria for s in seeds
+    ]
+    return list(dict.fromkeys(jobs))
+
+
+def train_dataset(size: int) -> str:
+    return f"study_target_train_{size}"
+
+
+def prepare_target_subsets(root: str, sizes: Iterable[int], image_size: int = 192) -> List[List[str]]:
+    """Generate the synthetic target train split with as many images as the largest size (under
+    `root`, apart from the default data) and write one COCO file per size holding its first
+    images, so every smaller set is contained in the larger ones. Returns [name, json, image
+    root] entries for `--dataset` / DATASETS.COCO."""
+    sizes = sorted(set(int(n) for n in sizes))
+    if not sizes or sizes[0] < 1:
+        raise UserError(f"train sizes must be positive integers, got {sizes}.")
+    generate(root, "target", "train", sizes[-1], image_size=image_size)
+    json_file, image_root = split_paths(root, "target", "train")
+    with open(json_file, encoding="utf-8") as f:
+        data = json.load(f)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    entries = []
+    for n in sizes:
+        ids = {im["id"] for im in images[:n]}
+        subset = dict(data, images=images[:n], annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+        path = os.path.join(root, f"target_train_{n}.json")
+        text = json.dumps(subset)
+        if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
+            atomic_write_text(path, text)
+        entries.append([train_dataset(n), path, str(image_root)])
+    return entries
+
+
+def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequence[str]], opts: Sequence[str] = ()) -> Dict:
+    """Fine-tune one run in this process (resuming from its last checkpoint if there is one),
+    then write `run_dir/result.json`: the job, bbox AP/AP50/AP75 on the test set, params, FLOPs,
+    the final channel spec and the training time."""
+    cfg = setup_cfg(config_file, list(opts) + job.overrides(), datasets)
+    cfg.OUTPUT_DIR = run_dir
+    cfg.freeze()
+    os.makedirs(run_dir, exist_ok=True)
+    setup_logger(output=run_dir, name="detectron2", abbrev_name="d2")
+    setup_logger(output=run_dir, name="d2prune")
+    register_datasets(cfg)
+    validate_datasets(cfg)
+    start = time.perf_counter()
+    trainer = (PruningTrainer if cfg.PRUNE.ENABLED else Trainer)(cfg)
+    trainer.resume_or_load(resume=True)
+    results = trainer.train()
+    if not results:
+        raise RuntimeError(f"{run_dir}: training ended without an evaluation on {cfg.DATASETS.TEST}")
+    model = unwrap(trainer.model).eval()
+    inputs, tensor = sample_inputs(cfg, model)
+    result = {
+        **asdict(job),
+        "name": job.name,
+        **bbox_metrics(results),
+        "params": count_params(model),
+        "flops": count_flops(model, inputs)["total"],
+        "backbone_flops": count_flops(model.backbone, tensor)["total"],
+        "spec": channel_spec(model),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
+    return result
+
+
+def load_results(output: str) -> List[Dict]:
+    """The finished runs recorded in `output/results.jsonl` (a line cut short by a crash is skipped)."""
+    path = os.path.join(output, RESULTS)
+    if not os.path.isfile(path):
+        return []
+    results = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                results.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s: skipping an incomplete line", path)
+    return results
+
+
+def _append_result(output: str, result: Dict) -> None:
+    with open(os.path.join(output, RESULTS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(result) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_study(
+    jobs: Sequence[Job],
+    worker: Sequence[str],
+    output: str,
+    parallel: int = 1,
+    threads: Optional[int] = None,
+) -> List[str]:
+    """Run the `jobs` not yet in `output/results.jsonl`, `parallel` at a time, each as
+    `worker + [job JSON]` in its own process (log in `output/runs/NAME/worker.log`); append each
+    result as it finishes. Returns the names of the runs that failed (their logs say why)."""
+    os.makedirs(os.path.join(output, "runs"), exist_ok=True)
+    done = {r["name"] for r in load_results(output)}
+    pending = [job for job in jobs if job.name not in done]
+    if len(pending) < len(jobs):
+        print(f"study: {len(jobs) - len(pending)} of {len(jobs)} runs already finished in {output}")
+    threads = threads or max(1, (os.cpu_count() or 1) // max(parallel, 1))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    running: Dict[subprocess.Popen, Job] = {}
+    failed: List[str] = []
+    queue = list(pending)
+    bar = tqdm(total=len(pending), desc="study runs", unit="run", disable=not pending)
+    try:
+        while queue or running:
+            while queue and len(running) < parallel:
+                job = queue.pop(0)
+                run_dir = os.path.join(output, "runs", job.name)
+                os.makedirs(run_dir, exist_ok=True)
+                log = open(os.path.join(run_dir, "worker.log"), "ab")
+                process = subprocess.Popen(
+                    [*worker, json.dumps(asdict(job))], stdout=log, stderr=subprocess.STDOUT, env=env
+                )
+                log.close()
+                running[process] = job
+            time.sleep(1.0)
+            for process in [p for p in running if p.poll() is not None]:
+                job = running.pop(process)
+                run_dir = os.path.join(output, "runs", job.name)
+                result_file = os.path.join(run_dir, "result.json")
+                if process.returncode == 0 and os.path.isfile(result_file):
+                    with open(result_file, encoding="utf-8") as f:
+                        result = json.load(f)
+                    _append_result(output, result)
+                    bar.write(f"  {job.name}: AP {result['bbox_AP']:.1f}  AP50 {result['bbox_AP50']:.1f}  "
+                              f"({result['seconds']:.0f} s)")
+                else:
+                    failed.append(job.name)
+                    bar.write(f"  {job.name}: FAILED (exit {process.returncode}), see {run_dir}/worker.log")
+                bar.update(1)
+    finally:
+        for process in running:
+            process.terminate()
+        for process in running:
+            process.wait()
+        bar.close()
+    return failed
+
+
+def worker_main(argv: Sequence[str]) -> None:
+    """`tools/study.py --worker CONFIG OUTPUT DATASETS_JSON OPTS_JSON JOB_JSON`: one run."""
+    config_file, output, datasets, opts, job = argv
+    job = Job(**json.loads(job))
+    run_job(config_file, job, os.path.join(output, "runs", job.name), json.loads(datasets), json.loads(opts))
+
+
+def measure_latencies(
+    config_file: str, results: Sequence[Dict], output: str, datasets: Sequence[Sequence[str]],
+    opts: Sequence[str] = (), repeats: int = 20,
+) -> Dict[str, float]:
+    """Median CPU latency (ms) of the whole detector at the test resolution, once per distinct
+    architecture among `results`, with the final weights of the first run that has it; cached in
+    `output/latency.json`. Run after the fine-tunes, so no other run competes for the cores."""
+    from ..analysis.complexity import measure_latency
+    from ..analysis.study import spec_key
+    from .checkpoint import PrunedCheckpointer
+
+    path = os.path.join(output, "latency.json")
+    cache = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    todo = {}
+    for r in results:
+        todo.setdefault(spec_key(r["spec"]), r)
+    todo = {k: r for k, r in todo.items() if k not in cache}
+    for key, r in tqdm(todo.items(), desc="latency per architecture", disable=not todo):
+        job = Job(r["criterion"], r["ratio"], r["seed"], r["train_size"])
+        cfg = setup_cfg(config_file, list(opts) + job.overrides(), datasets)
+        cfg.freeze()
+        model = Trainer.build_model(cfg)
+        PrunedCheckpointer(model).load(os.path.join(output, "runs", job.name, "model_final.pth"))
+        model.eval()
+        inputs, _ = sample_inputs(cfg, model)
+        cache[key] = round(measure_latency(model, inputs, repeats=repeats)["median_ms"], 2)
+        atomic_write_text(path, json.dumps(cache, indent=1))
+    return cache

@@ -1,0 +1,33 @@
+"""Pack a training checkpoint into a shippable weights file: the model alone (no optimizer or
+trainer state), floating-point tensors stored as float16, with its channel spec and a record of
+where it came from. Loading casts the tensors back to the model's float32.
+"""
+
+import os
+from typing import Mapping
+
+import torch
+
+from ..errors import UserError
+
+__all__ = ["pack_checkpoint"]
+
+
+def pack_checkpoint(source: str, destination: str, meta: Mapping) -> dict:
+    """Write `destination` from the checkpoint `source`; return the packed object's metadata."""
+    if not os.path.isfile(source):
+        raise UserError(f"{source}: checkpoint not found.")
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise UserError(f"{source}: not a detectron2 checkpoint (no 'model' entry).")
+    model = {
+        k: v.half() if torch.is_floating_point(v) else v for k, v in checkpoint["model"].items()
+    }
+    packed = {"model": model, "meta": dict(meta, iteration=checkpoint.get("iteration"))}
+    if "d2prune" in checkpoint:
+        packed["d2prune"] = checkpoint["d2prune"]
+    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
+    tmp = destination + ".tmp"
+    torch.save(packed, tmp)
+    os.replace(tmp, destination)
+    return packed["meta"]

@@ -1,0 +1,142 @@
+"""The transfer study: its plan, its bookkeeping across crashes, its statistics, and one tiny
+study run end to end through tools/study.py."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+from d2prune.analysis import study as report
+from d2prune.data.synthetic import generate
+from d2prune.engine import study
+from d2prune.errors import UserError
+
+from .conftest import REPO, run_tool, tiny_opts
+
+
+def test_plan_runs_baselines_first_and_every_cell_once():
+    jobs = study.plan(["l1", "taylor"], [0.3, 0.5], [0, 1], [20, 40], 40, size_criteria=["taylor"])
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names))
+    assert [j.criterion for j in jobs[:4]] == [None] * 4
+    # 2 sizes x 2 seeds baselines, 2 criteria x 2 ratios x 2 seeds at 40, taylor 0.5 x 2 seeds at 20
+    assert len(jobs) == 4 + 8 + 2
+    assert study.Job("taylor", 0.5, 1, 20) in jobs
+    assert study.Job("l1", 0.5, 1, 20) not in jobs
+    assert jobs[0].overrides()[-2:] == ["PRUNE.ENABLED", "False"]
+    assert "PRUNE.RATIO" in study.Job("l1", 0.3, 0, 40).overrides()
+
+
+def test_plan_rejects_unknown_criteria_and_ratios():
+    with pytest.raises(UserError, match="did you mean l1"):
+        study.plan(["l11"], [0.5], [0], [40], 40)
+    with pytest.raises(UserError, match="outside"):
+        study.plan(["l1"], [1.0], [0], [40], 40)
+
+
+def test_target_subsets_are_nested_prefixes(tmp_path):
+    entries = study.prepare_target_subsets(str(tmp_path), [2, 5], image_size=64)
+    (name2, json2, root2), (name5, json5, _) = entries
+    assert (name2, name5) == ("study_target_train_2", "study_target_train_5")
+    small, large = (json.load(open(p)) for p in (json2, json5))
+    assert [im["id"] for im in small["images"]] == [im["id"] for im in large["images"][:2]]
+    ids = {im["id"] for im in small["images"]}
+    assert {a["image_id"] for a in small["annotations"]} <= ids
+    assert len(small["annotations"]) == sum(a["image_id"] in ids for a in large["annotations"]) > 0
+    assert all(os.path.isfile(os.path.join(root2, im["file_name"])) for im in small["images"])
+    mtime = os.path.getmtime(json2)
+    study.prepare_target_subsets(str(tmp_path), [2, 5], image_size=64)
+    assert os.path.getmtime(json2) == mtime  # unchanged files are not rewritten
+
+
+def test_results_survive_a_line_cut_short(tmp_path):
+    (tmp_path / study.RESULTS).write_text(json.dumps({"name": "a"}) + "\n" + '{"name": "b", "bbox_')
+    assert [r["name"] for r in study.load_results(str(tmp_path))] == ["a"]
+
+
+# A stand-in for the training worker: writes the result a finished run would, or fails when the
+# job's seed is 13, so the bookkeeping is tested without training.
+FAKE_WORKER = """
+import json, os, sys
+job = json.loads(sys.argv[2])
+if job["seed"] == 13:
+    sys.exit(3)
+name = ("baseline" if job["criterion"] is None else f"{job['criterion']}_r{job['ratio']:g}") + f"_n{job['train_size']}_s{job['seed']}"
+run = os.path.join(sys.argv[1], "runs", name)
+open(os.path.join(run, "result.json"), "w").write(json.dumps(dict(job, name=name, bbox_AP=1.0, bbox_AP50=2.0, seconds=0.0)))
+"""
+
+
+def test_run_study_appends_results_skips_finished_runs_and_reports_failures(tmp_path):
+    worker = [sys.executable, "-c", FAKE_WORKER, str(tmp_path)]
+    jobs = [study.Job(None, 0.0, 0, 4), study.Job("l1", 0.5, 0, 4), study.Job("l1", 0.5, 13, 4)]
+    failed = study.run_study(jobs, worker, str(tmp_path), parallel=2)
+    assert failed == ["l1_r0.5_n4_s13"]
+    assert sorted(r["name"] for r in study.load_results(str(tmp_path))) == ["baseline_n4_s0", "l1_r0.5_n4_s0"]
+    os.remove(tmp_path / "runs" / "baseline_n4_s0" / "result.json")
+    # A rerun starts only the run that failed: the finished ones are not run (or appended) again.
+    assert study.run_study(jobs, worker, str(tmp_path), parallel=2) == ["l1_r0.5_n4_s13"]
+    assert len(study.load_results(str(tmp_path))) == 2
+
+
+def _result(criterion, ratio, seed, ap, flops, size=40):
+    return {"criterion": criterion, "ratio": ratio, "seed": seed, "train_size": size, "bbox_AP": ap,
+            "bbox_AP50": 2 * ap, "params": flops / 10, "flops": flops, "backbone_flops": flops / 2,
+            "spec": {"g": int(flops)}}
+
+
+def test_summary_pairs_by_seed_against_the_baseline():
+    results = [_result(None, 0.0, s, ap, 100.0) for s, ap in enumerate([10.0, 11.0, 12.0])]
+    results += [_result("l1", 0.5, s, ap, 60.0) for s, ap in enumerate([11.0, 13.0, 15.0])]
+    results += [_result("l1", 0.7, 0, 5.0, 40.0)]
+    rows = report.summarize(results, latency=lambda r: r["flops"] / 10)
+    base, half, most = rows
+    assert base["criterion"] is None and base["AP"] == pytest.approx(11.0) and base["AP_std"] == pytest.approx(1.0)
+    # differences 1, 2, 3: mean 2, std 1, t = 2 sqrt(3) with 2 degrees of freedom
+    assert half["dAP"] == pytest.approx(2.0) and half["dAP_std"] == pytest.approx(1.0)
+    assert half["p"] == pytest.approx(0.0742, abs=1e-4)
+    assert half["backbone_flops_share"] == pytest.approx(0.6) and half["latency_share"] == pytest.approx(0.6)
+    assert most["pairs"] == 1 and math.isnan(most["p"])
+    lines = report.answer(rows, 40)
+    assert "l1: beats the baseline's mean up to 40 %" in lines[1]
+    table = report.markdown_table(rows)
+    assert "| 40 | l1 | 0.5 | 3 | 13.00 ± 2.00 |" in table and "+2.00 ± 1.00 | 0.07 |" in table
+
+
+def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
+    results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
+    results += [_result("random", 0.5, s, 5.0, 60.0) for s in range(3)]
+    rows = report.summarize(results)
+    assert "random: below the baseline at every ratio (at 0.5: ΔAP -6.00)" in report.answer(rows, 40)[1]
+    assert os.path.isfile(report.plot_ap_vs_flops(rows, 40, str(tmp_path / "a.png")))
+    assert report.plot_ap_vs_train_size(rows, str(tmp_path / "b.png")) is None
+
+
+def test_a_tiny_study_end_to_end(trained, tmp_path):
+    """Baseline and one pruned fine-tune of the 3-iteration source model, each in its own process,
+    then the report; a rerun finds both runs finished and rewrites the same table."""
+    root, source_out, _ = trained
+    generate(root, "target", "val", 4, image_size=96, workers=1)
+    out = tmp_path / "study"
+    opts = [o for o in tiny_opts(root, out, iters=4)]
+    opts += ["MODEL.WEIGHTS", str(source_out / "model_final.pth"), "PRUNE.START_ITER", "1",
+             "PRUNE.END_ITER", "2", "PRUNE.NUM_EVENTS", "1", "PRUNE.SCORE_BATCHES", "1"]
+    args = ["--config-file", str(REPO / "configs/synthetic/study/faster_rcnn_R18_FPN_study.yaml"),
+            "--criteria", "l1", "--ratios", "0.5", "--seeds", "0", "--train-sizes", "3",
+            "--data-root", str(tmp_path / "data"), "--image-size", "96", "--jobs", "2",
+            "--latency-repeats", "2", "--output", str(out), *opts]
+    proc = run_tool("study.py", *args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = study.load_results(str(out))
+    assert sorted(r["name"] for r in results) == ["baseline_n3_s0", "l1_r0.5_n3_s0"]
+    base, pruned = sorted(results, key=lambda r: r["criterion"] is not None)
+    assert pruned["params"] < base["params"] and pruned["backbone_flops"] < base["backbone_flops"]
+    assert sum(pruned["spec"].values()) < sum(base["spec"].values())
+    md = (out / "results.md").read_text()
+    assert "| 3 | l1 | 0.5 | 1 |" in md and "ap_vs_flops.png" in md
+    assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
+    again = run_tool("study.py", *args)
+    assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
+    assert len(study.load_results(str(out))) == 2

@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""The transfer study: does pruning during fine-tuning help on a small target set, and which
+criterion wins?
+
+    python tools/study.py --config-file configs/synthetic/study/faster_rcnn_R18_FPN_study.yaml \
+        --criteria l1 taylor --ratios 0.3 0.5 0.7 --seeds 0 1 2 --train-sizes 20 40 100 \
+        --jobs 2 --output output/study --report docs/results.md
+
+Fine-tunes the config's MODEL.WEIGHTS (the source model) on the first N images of the
+synthetic target train split, unpruned (the baseline) and pruned by each criterion at each
+ratio, for each seed; each run is its own process. Finished runs go to OUTPUT/results.jsonl as
+they end and a rerun skips them, so a killed study resumes where it stopped. Then it writes
+OUTPUT/results.{csv,json}, OUTPUT/results.md (or --report) and the plots.
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shlex
+import sys
+import time
+
+import torch
+from detectron2.utils.logger import setup_logger
+
+from d2prune import criteria
+from d2prune.analysis import study as report
+from d2prune.config import check_weights, setup_cfg
+from d2prune.data import register_datasets, validate_datasets
+from d2prune.engine import study
+from d2prune.errors import UserError, exit_on_user_error
+from d2prune.utils.io import atomic_write_text
+
+WORKER = "--run-one"  # CONFIG OUTPUT DATASETS_JSON OPTS_JSON JOB_JSON
+
+
+def argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="the fine-tuning config (PRUNE schedule included)")
+    parser.add_argument("--output", required=True, metavar="DIR")
+    parser.add_argument("--criteria", nargs="+", default=None, help="default: every registered criterion")
+    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--train-sizes", nargs="+", type=int, default=[40], help="target train images")
+    parser.add_argument("--main-size", type=int, default=None, help="the size every criterion runs at (default: 40 if listed, else the first)")
+    parser.add_argument("--size-criteria", nargs="*", default=[], help="criteria also run at the other sizes")
+    parser.add_argument("--size-ratio", type=float, default=0.5, help="their ratio at the other sizes")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads split between them)")
+    parser.add_argument("--data-root", default="datasets/synthetic_study", help="where the target train subsets go")
+    parser.add_argument("--image-size", type=int, default=192, help="side of the generated target images")
+    parser.add_argument("--report", default=None, metavar="MD", help="markdown report (default: OUTPUT/results.md)")
+    parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    return parser
+
+
+def main(args):
+    started = time.perf_counter()
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}.")
+    names = args.criteria or criteria.available()
+    main_size = args.main_size or (40 if 40 in args.train_sizes else args.train_sizes[0])
+    jobs = study.plan(names, args.ratios, args.seeds, args.train_sizes, main_size, args.size_criteria, args.size_ratio)
+    datasets = study.prepare_target_subsets(args.data_root, [main_size, *args.train_sizes], args.image_size)
+    # Check the config, datasets and weights here, once, rather than in every worker.
+    cfg = setup_cfg(args.config_file, args.opts + jobs[0].overrides(), datasets)
+    register_datasets(cfg)
+    validate_datasets(cfg)
+    check_weights(cfg)
+    print(f"study: {len(jobs)} runs ({len(names)} criteria x {len(args.ratios)} ratios x {len(args.seeds)} seeds "
+          f"+ baselines), {args.jobs} at a time, in {args.output}")
+
+    worker = [sys.executable, os.path.abspath(__file__), WORKER, args.config_file, args.output,
+              json.dumps(datasets), json.dumps(args.opts)]
+    failed = study.run_study(jobs, worker, args.output, args.jobs)
+
+    wanted = {job.name for job in jobs}
+    results = [r for r in study.load_results(args.output) if r["name"] in wanted]
+    latency = study.measure_latencies(args.config_file, results, args.output, datasets, args.opts, args.latency_repeats)
+    rows = report.summarize(results, lambda r: latency.get(report.spec_key(r["spec"])))
+    write_outputs(args, rows, main_size, time.perf_counter() - started, len(results), len(jobs))
+    if failed:
+        raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their worker.log. "
+                        "Rerun the same command to retry them.")
+    return rows
+
+
+def write_outputs(args, rows, main_size, seconds, finished, planned):
+    os.makedirs(args.output, exist_ok=True)
+    md = args.report or os.path.join(args.output, "results.md")
+    figures = os.path.join(os.path.dirname(os.path.abspath(md)), "figures") if args.report else args.output
+    os.makedirs(figures, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(md))[0]
+    plots = [
+        report.plot_ap_vs_flops(rows, main_size, os.path.join(figures, f"{stem}_ap_vs_flops.png")),
+        report.plot_ap_vs_train_size(rows, os.path.join(figures, f"{stem}_ap_vs_train_size.png")),
+    ]
+    report.write_csv(rows, os.path.join(args.output, "results.csv"))
+    atomic_write_text(os.path.join(args.output, "results.json"),
+                      json.dumps([{k: v for k, v in r.items() if k != "runs"} for r in rows], indent=1, default=float))
+    command = "python tools/study.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, Python {platform.python_version()}, "
+               f"torch {torch.__version__}, CPU only" if not torch.cuda.is_available()
+               else f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
+    elapsed = f"{seconds / 60:.1f} min for this invocation ({finished} of {planned} runs finished)"
+    report.write_report(md, rows, main_size, plots, command, machine, elapsed)
+    print(report.markdown_table(rows))
+    for line in report.answer(rows, main_size):
+        print(line)
+    print(f"study: report {md}; plots {', '.join(p for p in plots if p)}; runs in {args.output}/results.csv")
+
+
+if __name__ == "__main__":
+    setup_logger(name="d2prune")
+    logging.getLogger("fvcore").setLevel(logging.WARNING)
+    if sys.argv[1:2] == [WORKER]:  # one run, started by run_study
+        exit_on_user_error(study.worker_main, sys.argv[2:])
+    else:
+        exit_on_user_error(main, argument_parser().parse_args())
