@@ -55,4 +55,4 @@ def build(name: str, **options) -> Criterion:
 
 
 # The families register themselves on import; they need `register` defined above.
-from . import activation, magnitude, rank, taylor  # noqa: E402, F401
+from . import activation, information, magnitude, rank, relevance, taylor  # noqa: E402, F401
