@@ -9,6 +9,7 @@ import contextlib
 import functools
 import logging
 import socket
+import sys
 from datetime import timedelta
 from typing import Callable, Optional
 from unittest import mock
@@ -22,6 +23,8 @@ from detectron2.engine.launch import DEFAULT_TIMEOUT
 from detectron2.engine.launch import launch as d2_launch
 from detectron2.utils import comm
 from torch import nn
+
+from .errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +51,16 @@ def coco_eval_use_fast_impl() -> bool:
     return fast
 
 
-# detectron2 main checkpoints SimpleTrainer's state (the optimizer) through DefaultTrainer's own
-# state_dict; v0.6's DefaultTrainer has none, so d2prune's trainer adds it there.
-TRAINER_SAVES_OPTIMIZER = "state_dict" in vars(DefaultTrainer)
+def trainer_saves_optimizer(trainer_cls: type = DefaultTrainer) -> bool:
+    """Whether `trainer_cls` checkpoints SimpleTrainer's state (the optimizer) itself.
+
+    detectron2 main does so through DefaultTrainer's own `state_dict`; v0.6's DefaultTrainer
+    has none, so d2prune's trainer adds that state when this is False.
+    """
+    return "state_dict" in vars(trainer_cls)
+
+
+TRAINER_SAVES_OPTIMIZER = trainer_saves_optimizer()
 
 _d2_create_ddp_model = d2_defaults.create_ddp_model
 
@@ -88,23 +98,31 @@ def launch(
     v0.6's `launch` only knows NCCL and asserts CUDA; here `num_gpus_per_machine` is then the
     number of CPU processes per machine. Each process gets detectron2's local process group, so
     `comm.get_local_rank()` and friends work as under NCCL.
+
+    A process that exits with status 2 has printed a `UserError` (see `d2prune.errors`): the
+    launching process then exits with status 2 too, without a traceback of its own.
     """
     world_size = num_machines * num_gpus_per_machine
-    if world_size == 1 or torch.cuda.is_available():
-        return d2_launch(
-            main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
-            dist_url=dist_url, args=args, timeout=timeout,
+    try:
+        if world_size == 1 or torch.cuda.is_available():
+            return d2_launch(
+                main_func, num_gpus_per_machine, num_machines=num_machines, machine_rank=machine_rank,
+                dist_url=dist_url, args=args, timeout=timeout,
+            )
+        if dist_url in (None, "auto"):
+            if num_machines > 1:
+                raise UserError("--dist-url auto works on one machine only; give every machine the same tcp://HOST:PORT.")
+            dist_url = f"tcp://127.0.0.1:{_free_port()}"
+        mp.spawn(
+            _gloo_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
+            daemon=False,
         )
-    if dist_url in (None, "auto"):
-        if num_machines > 1:
-            raise ValueError("multi-machine jobs need an explicit dist_url")
-        dist_url = f"tcp://127.0.0.1:{_free_port()}"
-    mp.spawn(
-        _gloo_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, args, timeout),
-        daemon=False,
-    )
+    except mp.ProcessExitedException as e:
+        if e.exit_code == 2:
+            sys.exit(2)
+        raise
 
 
 def _gloo_worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout):
@@ -127,3 +145,39 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# --- Export: detectron2's TracingAdapter ------------------------------------------------------
+
+
+@functools.cache
+def tracing_adapter_class() -> type:
+    """detectron2's `TracingAdapter` (detectron2/export/flatten.py), on v0.6 as on main.
+
+    On main `from detectron2.export import TracingAdapter` works. v0.6's
+    `detectron2/export/__init__.py` imports its caffe2 exporter, which current torch no longer
+    ships, although `flatten.py` itself needs only torch and detectron2: it is then imported
+    under a bare `detectron2.export` package whose `__init__` does not run. The bare package is
+    removed again afterwards, so that `import detectron2.export` still fails as before.
+    """
+    try:
+        from detectron2.export import TracingAdapter
+
+        return TracingAdapter
+    except ImportError:
+        pass
+    import importlib
+    import os
+    import sys
+    import types
+
+    import detectron2
+
+    package = types.ModuleType("detectron2.export")
+    package.__path__ = [os.path.join(os.path.dirname(detectron2.__file__), "export")]
+    sys.modules["detectron2.export"] = package
+    try:
+        flatten = importlib.import_module("detectron2.export.flatten")
+    finally:
+        del sys.modules["detectron2.export"]
+    return flatten.TracingAdapter

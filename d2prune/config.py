@@ -4,10 +4,11 @@ Every key is documented where it is defined; `tools/train_net.py` calls `add_pru
 """
 
 import ast
+import difflib
 import logging
 import os
 import re
-from typing import Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import torch
 import yaml
@@ -16,7 +17,8 @@ from detectron2.config import get_cfg
 
 from . import criteria
 from .errors import UserError
-from .pruning.budget import KINDS
+from .pruning import find_groups
+from .pruning.budget import KINDS, select_channels
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +52,11 @@ def add_prune_config(cfg: CN) -> CN:
     cfg.PRUNE.MODE = "local"
     # Most any one group may lose, in (0, 1].
     cfg.PRUNE.MAX_RATIO = 0.9
-    # Fewest channels a group keeps (a narrower group is left whole).
+    # Fewest channels a group keeps. A group narrower than this is left whole; when that leaves
+    # every eligible group whole, nothing could be pruned and the run stops with an error.
     cfg.PRUNE.MIN_CHANNELS = 8
-    # Kept widths are rounded up to a multiple of this (8 suits vectorised CPU/GPU kernels).
+    # Kept widths are rounded up to a multiple of this (8 suits vectorised CPU/GPU kernels), and
+    # of the GroupNorm group size in GN-normalised groups (whole GN groups go, see DESIGN.md).
     cfg.PRUNE.ROUND_TO = 1
     # Options of the criterion, as [key, value] pairs (e.g. [["seed", 1]]); string values are
     # read as Python literals when they parse as one.
@@ -101,7 +105,9 @@ def check_prune_config(cfg: CN) -> None:
     if p.MODE not in ("local", "global"):
         fail("MODE", "'local' or 'global'")
     if isinstance(p.KINDS, str) or not p.KINDS or any(k not in KINDS for k in p.KINDS):
-        fail("KINDS", f"a non-empty list of {', '.join(KINDS)}")
+        unknown = [k for k in p.KINDS if k not in KINDS] if not isinstance(p.KINDS, str) else []
+        which = f" ({', '.join(map(repr, unknown))} is not a kind)" if unknown else ""
+        raise UserError(f"PRUNE.KINDS must be a non-empty list of {', '.join(KINDS)}, got {p.KINDS!r}{which}.")
     for pattern in p.EXCLUDE:
         try:
             re.compile(pattern)
@@ -161,16 +167,15 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), datasets: Sequence[Seq
     """
     cfg = get_cfg()
     add_prune_config(cfg)
-    if not os.path.isfile(config_file):
-        raise UserError(f"{config_file}: config file not found.")
+    _check_config_file(config_file)
     try:
         cfg.merge_from_file(config_file)
     except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
-        raise UserError(f"{config_file}: {_one_line(e)}") from None
+        raise UserError(f"{config_file}: {_merge_error(cfg, e)}") from None
     try:
         cfg.merge_from_list(list(opts))
     except (KeyError, ValueError, TypeError, AssertionError) as e:
-        raise UserError(f"command-line options {' '.join(opts)}: {_one_line(e)}") from None
+        raise UserError(f"command-line options {' '.join(map(str, opts))}: {_merge_error(cfg, e)}") from None
     for entry in datasets:
         cfg.DATASETS.COCO.append(list(entry))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -184,6 +189,85 @@ def check_weights(cfg: CN) -> None:
     path = cfg.MODEL.WEIGHTS
     if path and "://" not in path and not os.path.isfile(path):
         raise UserError(f"MODEL.WEIGHTS {path}: file not found.")
+
+
+def check_budget(cfg: CN, model, original: Optional[Mapping[str, int]] = None) -> None:
+    """Run the PRUNE budget once on `model`, with equal scores, and discard the result.
+
+    A budget that can remove nothing (every eligible group at its MIN_CHANNELS / MAX_RATIO
+    floor, no group of PRUNE.KINDS left after EXCLUDE) then fails before any training or
+    evaluation instead of at the first pruning event. Scores and the FLOPs target are not
+    involved: with FLOPS_REDUCTION the check is the deepest cut the budget allows.
+    `original` is as in `select_channels` (the widths before a resumed run's earlier events).
+    """
+    p = cfg.PRUNE
+    groups = find_groups(model)
+    flops = p.FLOPS_REDUCTION > 0
+    select_channels(
+        groups, {g.name: torch.ones(g.size) for g in groups},
+        ratio=min(p.MAX_RATIO, 1 - 1e-6) if flops else p.RATIO, mode="global" if flops else p.MODE,
+        kinds=list(p.KINDS), exclude=list(p.EXCLUDE), max_ratio=p.MAX_RATIO,
+        min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO, original=original,
+    )
+
+
+def _check_config_file(path: str, child: Optional[str] = None) -> None:
+    """Fail with one sentence when a config file (or the `_BASE_` it names) is missing, is not
+    YAML text, or does not hold a mapping of config keys; merging then only meets key faults."""
+    where = path if child is None else f"{path} (the _BASE_ of {child})"
+    if not os.path.isfile(path):
+        raise UserError(f"{where}: config file not found.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: not a text file; a config is YAML text.") from None
+    except OSError as e:
+        raise UserError(f"{where}: cannot be read ({e.strerror}).") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.constructor.ConstructorError:
+        return  # Python tags, which detectron2's own loader reads
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({e.context})" if e.context else ""
+        raise UserError(f"{where}: invalid YAML{at}: {e.problem}{context}.") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: invalid YAML: {_one_line(e)}.") from None
+    if not isinstance(data, dict):
+        got = "nothing" if data is None else f"a {type(data).__name__}"
+        raise UserError(f"{where}: must hold a mapping of config keys (MODEL: ..., SOLVER: ...), holds {got}.")
+    bases = data.get("_BASE_", [])
+    bases = [bases] if isinstance(bases, str) else bases  # detectron2 main also takes a list
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise UserError(f"{where}: _BASE_ must be the path of a config file, got {bases!r}.")
+    for base in bases:
+        base = os.path.expanduser(base)
+        if not base.startswith(("/", "http://", "https://")):  # as detectron2 resolves it
+            base = os.path.join(os.path.dirname(path), base)
+        if "://" not in base:
+            _check_config_file(base, path)
+
+
+def _merge_error(cfg: CN, e: Exception) -> str:
+    """A merge failure in one line; an unknown key comes with the closest existing ones."""
+    text = _one_line(e)
+    unknown = re.search(r"Non-existent (?:config )?key: (\S+)", text)
+    if unknown is None:
+        return text
+    key = unknown.group(1)
+    close = difflib.get_close_matches(key, list(_flat_keys(cfg)), n=3, cutoff=0.85)
+    hint = f"; did you mean {' or '.join(close)}?" if close else "; see add_prune_config and detectron2's defaults for the keys."
+    return f"unknown config key {key}{hint}"
+
+
+def _flat_keys(node: CN, prefix: str = "") -> Iterator[str]:
+    for key, value in node.items():
+        if isinstance(value, CN):
+            yield from _flat_keys(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key
 
 
 def _one_line(e: Exception) -> str:

@@ -11,6 +11,7 @@ report.md. Flags override the config's PRUNE keys; trailing KEY VALUE pairs over
 
 import argparse
 import logging
+import re
 
 from detectron2.utils.logger import setup_logger
 
@@ -31,6 +32,7 @@ FLAGS = {
     "min_channels": "MIN_CHANNELS",
     "round_to": "ROUND_TO",
 }
+CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 
 def argument_parser():
@@ -53,7 +55,20 @@ def argument_parser():
     return parser
 
 
+def split_overrides(args) -> argparse.Namespace:
+    """Hand trailing KEY VALUE overrides back from a list flag that took them
+    (`--kinds block fpn SOLVER.MAX_ITER 10`: argparse gives all five words to --kinds)."""
+    for flag in ("kinds", "exclude"):
+        values = getattr(args, flag) or []
+        at = next((i for i, value in enumerate(values) if CONFIG_KEY.match(value)), None)
+        if at is not None:
+            args.opts = values[at:] + args.opts
+            setattr(args, flag, values[:at] or None)
+    return args
+
+
 def main(args):
+    args = split_overrides(args)
     overrides = []
     for flag, key in FLAGS.items():
         value = getattr(args, flag)

@@ -8,6 +8,8 @@
         DATASETS.TRAIN "('my_train',)"
 """
 
+import os
+
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
@@ -39,8 +41,8 @@ def main(args):
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
-    if not args.resume:
-        check_weights(cfg)
+    if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
+        check_weights(cfg)  # otherwise training resumes from the checkpoint last_checkpoint names
     trainer = (PruningTrainer if cfg.PRUNE.ENABLED else Trainer)(cfg)
     trainer.resume_or_load(resume=args.resume)
     return trainer.train()
@@ -66,7 +68,8 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    launch(
+    exit_on_user_error(
+        launch,
         guarded_main,
         args.num_gpus,
         num_machines=args.num_machines,

@@ -14,8 +14,11 @@ def load_run_summary(output_dir: str) -> Dict:
     path = os.path.join(output_dir, "run_summary.json")
     if not os.path.isfile(path):
         raise UserError(f"{path}: not found; is {output_dir} the OUTPUT_DIR of a finished run?")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot be read as JSON ({e}).") from None
 
 
 def run_summary_table(output_dirs: List[str]) -> str:

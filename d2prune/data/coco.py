@@ -151,8 +151,8 @@ def _num_classes(cfg) -> int:
 
 
 def validate_datasets(cfg, names: Optional[Sequence[str]] = None) -> None:
-    """Validate every COCO dataset the config trains or tests on (or `names`), and check that its
-    categories fit the model's number of classes."""
+    """Validate every COCO dataset the config trains or tests on (or `names`), and check that it
+    has images (a training set: annotated ones) and that its categories fit the model's classes."""
     names = list(names) if names is not None else list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     registered = set(DatasetCatalog.list())
     num_classes = _num_classes(cfg)
@@ -167,6 +167,13 @@ def validate_datasets(cfg, names: Optional[Sequence[str]] = None) -> None:
         if json_file is None:
             continue
         data = validate_coco_json(json_file, meta.image_root)
+        if not data["images"]:
+            raise UserError(f"{json_file}: 'images' is empty; dataset '{name}' needs at least one image.")
+        if name in cfg.DATASETS.TRAIN and not data["annotations"] and cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+            raise UserError(
+                f"{json_file}: no annotations, so training dataset '{name}' is empty once "
+                "DATALOADER.FILTER_EMPTY_ANNOTATIONS drops the images without boxes."
+            )
         if len(data["categories"]) != num_classes:
             raise UserError(
                 f"{json_file}: {len(data['categories'])} categories but the model has "

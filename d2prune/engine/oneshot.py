@@ -17,7 +17,7 @@ from detectron2.modeling import build_model
 from .. import criteria
 from ..analysis.complexity import count_flops, count_params, measure_latency, width_table
 from ..analysis.report import write_prune_report
-from ..config import check_prune_config
+from ..config import check_budget, check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
 from .checkpoint import PrunedCheckpointer
@@ -59,6 +59,8 @@ def measure(cfg, model, latency_repeats: int = 10) -> Dict[str, float]:
 def check_oneshot_config(cfg) -> criteria.Criterion:
     """Check the PRUNE keys and the test dataset before any slow work; return the criterion."""
     check_prune_config(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        raise UserError("MODEL.WEIGHTS is empty: name the trained checkpoint to prune.")
     if not cfg.DATASETS.TEST:
         raise UserError("DATASETS.TEST is empty: name the dataset to evaluate before and after pruning.")
     criterion = build_criterion(cfg)
@@ -83,9 +85,14 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     Returns the report (also written as `output_dir/report.json` and `report.md`).
     """
     criterion = check_oneshot_config(cfg)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir}: exists and is not a directory; the output must be a directory.")
     os.makedirs(output_dir, exist_ok=True)
     model = build_model(cfg)
-    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    checkpointer = PrunedCheckpointer(model, save_dir=output_dir)
+    checkpointer.unpruned_spec = channel_spec(model)  # as built: saved beside the pruned spec
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    check_budget(cfg, model)  # before the slow evaluation: a budget that removes nothing fails now
     model.eval()
 
     report = {
@@ -114,7 +121,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     logger.info("Evaluating the model after pruning")
     report["after"] = {**evaluate(cfg, model, os.path.join(output_dir, "eval_after")), **measure(cfg, model, latency_repeats)}
     pruned_path = os.path.join(output_dir, "model_pruned.pth")
-    PrunedCheckpointer(model, save_dir=output_dir).save("model_pruned")
+    checkpointer.save("model_pruned")
     report["pruned_weights"] = pruned_path
 
     if finetune_iters > 0:

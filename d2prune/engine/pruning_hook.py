@@ -20,6 +20,7 @@ from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
 from ..analysis.complexity import count_flops, count_params
+from ..config import check_budget
 from ..pruning import channel_spec, find_groups, prune
 from ..pruning.groups import unwrap
 from ..pruning.schedule import PruningSchedule
@@ -61,6 +62,12 @@ class PruningHook(HookBase):
             inputs, _ = sample_inputs(self.cfg, model)
             self.original_flops = count_flops(model, inputs)["total"]
 
+    def check_budget(self) -> None:
+        """Fail now, rather than at the next event, when the PRUNE budget cannot remove any
+        channel from the trainer's model (see `d2prune.config.check_budget`)."""
+        if self.events_done < len(self.schedule.iters):
+            check_budget(self.cfg, unwrap(self.trainer.model), self.original_spec)
+
     def after_step(self):
         iters = self.schedule.iters
         # `>=` rather than `==`: a run resumed past an event it had not reached still gets it.
@@ -88,7 +95,7 @@ class PruningHook(HookBase):
         score_seconds = time.perf_counter() - start
         check_same_on_all_ranks(keep)
 
-        before = channel_spec(model)
+        before, params_before = channel_spec(model), count_params(model)
         state = sliced_optimizer_state(model, trainer.optimizer, keep)
         with torch.no_grad():
             prune(model, keep)
@@ -97,13 +104,15 @@ class PruningHook(HookBase):
         comm.synchronize()
 
         trainer.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
-        self._log(index, total, iteration, model, before, score_seconds)
+        self._log(index, total, iteration, model, before, params_before, score_seconds)
         if cfg.PRUNE.EVAL_AT_EVENTS:
             self._evaluate("after")
         if comm.is_main_process():
             self._flush_writers()
 
-    def _log(self, index, total, iteration, model, before, score_seconds) -> None:
+    def _log(self, index, total, iteration, model, before, params_before, score_seconds) -> None:
+        """One line per event in the log (the change of each pruned kind of group and of the
+        parameter count), and the sizes in the event storage under `pruning/`."""
         after = channel_spec(model)
         kinds = {g.name: g.kind for g in find_groups(model)}
         storage = self.trainer.storage
@@ -113,19 +122,26 @@ class PruningHook(HookBase):
             w[0] += self.original_spec[name]
             w[1] += before[name]
             w[2] += after[name]
+        changes = []
         for kind, (original, old, new) in widths.items():
             if kind in self.cfg.PRUNE.KINDS:
-                logger.info(
-                    "prune event %d/%d @ iter %d: %s %d -> %d (%.0f%% of the unpruned %d)",
-                    index, total, iteration, kind, old, new, 100 * new / original, original,
+                changes.append(
+                    f"{kind} {old} -> {new} channels ({100 * (new - old) / old:+.1f} %, "
+                    f"{100 * new / original:.0f} % of the unpruned {original})"
                 )
             storage.put_scalar(f"pruning/width/{kind}", new, smoothing_hint=False)
+        params = count_params(model)
+        logger.info(
+            "pruning event %d/%d at iter %d: %s; params %.2f M -> %.2f M; scored in %.1f s",
+            index, total, iteration, ", ".join(changes) or "no channel group of PRUNE.KINDS",
+            params_before / 1e6, params / 1e6, score_seconds,
+        )
         _, tensor = sample_inputs(self.cfg, model)
         storage.put_scalars(
             smoothing_hint=False,
             **{
                 "pruning/event": index,
-                "pruning/params": count_params(model),
+                "pruning/params": params,
                 "pruning/backbone_flops": count_flops(model.backbone, tensor)["total"],
                 "pruning/score_seconds": score_seconds,
             },

@@ -3,6 +3,7 @@ COCO evaluation with or without detectron2's C++ ops, a run summary, and pruning
 """
 
 import json
+import logging
 import os
 import time
 from typing import Dict, Mapping, Optional
@@ -14,6 +15,8 @@ from detectron2.utils import comm
 from .. import compat
 from ..compat import coco_eval_use_fast_impl
 from ..config import check_prune_config
+from ..errors import UserError
+from ..pruning import channel_spec
 from ..pruning.groups import unwrap
 from ..utils.io import atomic_write_text
 from .checkpoint import PrunedCheckpointer
@@ -51,6 +54,14 @@ class RunSummary(HookBase):
             "results": getattr(self.trainer, "_last_eval_results", None) or {},
         }
         atomic_write_text(self._path, json.dumps(summary, indent=2, default=float))
+
+
+class _NoTracebackForUserErrors(logging.Filter):
+    """Drops detectron2's "Exception during training" record, traceback and all, when the
+    exception is a `UserError`: the tool states it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], UserError))
 
 
 class Trainer(DefaultTrainer):
@@ -136,13 +147,21 @@ class Trainer(DefaultTrainer):
         self.checkpointer = PrunedCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
         )
+        # The model is as the config builds it until the first load or pruning event.
+        self.checkpointer.unpruned_spec = channel_spec(unwrap(self.model))
         # After EvalHook, so that the final evaluation is in the summary.
         return super().build_hooks() + [RunSummary(self.cfg.OUTPUT_DIR)]
 
     def train(self):
         """Train, then return the final evaluation results (v0.6 returns them only when
         TEST.EXPECTED_RESULTS is set)."""
-        super().train()
+        loop_logger = logging.getLogger("detectron2.engine.train_loop")
+        quiet = _NoTracebackForUserErrors()
+        loop_logger.addFilter(quiet)
+        try:
+            super().train()
+        finally:
+            loop_logger.removeFilter(quiet)
         return getattr(self, "_last_eval_results", None)
 
 
@@ -165,3 +184,8 @@ class PruningTrainer(Trainer):
         at = next(i for i, h in enumerate(ret) if isinstance(h, hooks.LRScheduler)) + 1
         ret.insert(at, PruningHook(self.cfg))
         return ret
+
+    def train(self):
+        """Check that the PRUNE budget can remove channels from the model as loaded, then train."""
+        next(h for h in self._hooks if isinstance(h, PruningHook)).check_budget()
+        return super().train()

@@ -74,6 +74,13 @@ def select_channels(
             f"pruning budget: min_channels={min_channels} and max_ratio={max_ratio} leave "
             f"every eligible group whole (widest: {max(reference.values())} channels)."
         )
+    steps = {g.name: math.lcm(g.unit, round_to) for g in eligible}
+    if all(math.ceil(floors[n] / steps[n]) * steps[n] >= size for n, size in reference.items()):
+        raise UserError(
+            f"pruning budget: round_to={round_to} leaves every eligible group whole: none can keep "
+            f"a multiple of {round_to} channels (and of its GroupNorm group size) below its width "
+            f"(widest: {max(reference.values())} channels)."
+        )
     if mode == "local":
         widths = {
             g.name: min(

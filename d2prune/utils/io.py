@@ -1,17 +1,29 @@
 """Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
 
+import contextlib
 import os
-import tempfile
+import secrets
+from typing import IO, Iterator
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+    """A file to write `path` through: a temporary file in the same folder, flushed to disk and
+    renamed over `path` when the block ends without an exception (and deleted if it does not).
+
+    The temporary name starts with a dot and ends in `.tmp`, so that a process killed mid-write
+    leaves nothing that looks like a finished file (a checkpoint listing sees no stray `.pth`).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
+    # Created as open() would create `path` (permissions from the umask), unlike mkstemp's 0600.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -19,3 +31,25 @@ def atomic_write_text(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically (see `atomic_open`)."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def _fsync_folder(folder: str) -> None:
+    # The rename itself reaches the disk only with the folder's entry; some systems cannot sync
+    # a folder, and the file is complete either way.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
