@@ -70,8 +70,8 @@ def plan(
     size_ratio: float = 0.5,
 ) -> List[Job]:
     """The study's runs: every criterion x ratio x seed on `main_size` target images, plus, for
-    each other train size, the baseline and `size_criteria` at `size_ratio`; baselines first,
-    so the comparison has its reference as early as possible."""
+    each other train size, the baseline and `size_criteria` at `size_ratio`. Baselines come
+    first, so the comparison has its reference as early as possible, then seed by seed."""
     for name in dict.fromkeys([*criteria_names, *size_criteria]):
         if name not in criteria.available():
             criteria.build(name)  # a UserError that suggests the closest names
@@ -81,7 +81,8 @@ def plan(
     if main_size not in train_sizes:
         train_sizes = [main_size, *train_sizes]
     jobs = [Job(None, 0.0, s, n) for n in train_sizes for s in seeds]
-    jobs += [Job(c, r, s, main_size) for r in ratios for c in criteria_names for s in seeds]
+    # Seed by seed, so that a study stopped early has every criterion on the first seeds.
+    jobs += [Job(c, r, s, main_size) for s in seeds for r in ratios for c in criteria_names]
     jobs += [
         Job(c, size_ratio, s, n)
         for n in train_sizes if n != main_size for c in size_criteria for s in seeds

@@ -1,0 +1,861 @@
+"""What pruning removes: widths per group, the criterion's scores and their cut, the image patches
+a layer's filters answer to, and the class information the removed filters carried.
+
+The analysis behind `tools/explain_net.py`; `explain_plots` draws its figures into an HTML report.
+"""
+
+import base64
+import difflib
+import html
+import logging
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import DatasetMapper, MetadataCatalog, get_detection_dataset_dicts
+from detectron2.data import transforms as T
+from detectron2.data.detection_utils import convert_image_to_rgb
+from detectron2.modeling import build_model
+from detectron2.modeling.backbone import FPN, ResNet
+from detectron2.modeling.backbone.resnet import BasicBlock
+from torch import nn
+from tqdm import tqdm
+
+from .. import criteria
+from ..config import check_prune_config
+from ..criteria.collector import collect_statistics
+from ..criteria.targets import image_positions, position_labels
+from ..engine.checkpoint import PrunedCheckpointer
+from ..engine.selection import build_criterion, choose_keep
+from ..errors import UserError
+from ..pruning import ChannelGroup, channel_spec, find_groups
+from ..pruning.groups import unwrap
+from ..utils.io import atomic_open, atomic_write_text
+from . import explain_plots as plots
+
+try:
+    from ..criteria.information import class_information
+except ImportError:  # the information criteria are optional: the report then says what is missing
+    class_information = None
+try:
+    from ..criteria.relevance import relevance_maps
+except ImportError:
+    relevance_maps = None
+
+__all__ = [
+    "Explanation",
+    "explain",
+    "explain_checkpoint",
+    "explanation_batches",
+    "information_split",
+    "load_model",
+    "pruning_profile",
+    "receptive_field",
+    "resolve_layer",
+    "write_report",
+]
+
+logger = logging.getLogger(__name__)
+
+# Images per forward pass while collecting: small enough for full-size images on a CPU.
+BATCH_SIZE = 4
+# A filter whose activation is non-positive (zero after its ReLU) at this share of all positions
+# or more counts as near-silent, the regime APoZ (Hu et al. 2016) prunes first.
+NEAR_SILENT = 0.9
+# Kinds whose producers run once per image on a spatial map, so that patches make sense.
+_SPATIAL_KINDS = ("stem", "block", "stage", "fpn")
+
+
+@dataclass
+class Hit:
+    """Where one filter answers most strongly on one image."""
+
+    image: int  # index into the explained images, in loader order
+    y: int  # argmax row and column on the layer's feature map
+    x: int
+    value: float  # the activation there
+    box: Tuple[int, int, int, int]  # the crop (x0, y0, x1, y1) in image pixels around it
+    label: str  # class of the smallest ground-truth box holding its centre, or "background"
+    heatmap: np.ndarray  # the channel's relevance (or activation) map on that image, (h, w)
+
+
+@dataclass
+class FilterView:
+    channel: int
+    score: float
+    removed: bool
+    hits: List[Hit]
+
+
+@dataclass
+class ImageView:
+    rgb: np.ndarray  # (H, W, 3) uint8, as the model sees it (resized, not padded)
+    boxes: np.ndarray  # (n, 4) ground-truth XYXY boxes in the same pixels
+    classes: np.ndarray  # (n,) contiguous class ids
+
+
+@dataclass
+class LayerView:
+    """The most and the least important filters of one layer, where they fire and why."""
+
+    group: str
+    module: str
+    stride: float  # image pixels per feature-map position
+    receptive_field: Optional[int]  # theoretical, in pixels; None outside the bottom-up ResNet
+    heatmap: str  # what the heat maps show: "relevance" or "activation"
+    most: List[FilterView]
+    least: List[FilterView]
+
+
+@dataclass
+class Explanation:
+    """Everything the report shows; widths are channel specs, tensors are per channel."""
+
+    weights: str
+    dataset: str
+    criterion: str
+    budget: str  # the cut in words, e.g. "ratio 0.5, local"
+    kinds: List[str]
+    class_names: List[str]
+    class_counts: List[int]  # ground-truth objects of each class in the explained images
+    groups: List[ChannelGroup]
+    eligible: List[str]  # groups of the pruned kinds, the ones the cut may narrow
+    reference: Dict[str, int]  # widths the config builds
+    before: Dict[str, int]  # widths of the checkpoint
+    after: Dict[str, int]  # widths after the cut
+    scores: Dict[str, torch.Tensor]
+    keep: Dict[str, List[int]]  # groups that lose channels only
+    apoz: Dict[str, torch.Tensor]  # share of non-positive activations, eligible groups
+    information: Optional[Dict[str, torch.Tensor]]  # eligible group -> (classes, channels) nats
+    layer: LayerView
+    images: Dict[int, ImageView]  # the images the layer view refers to
+    num_images: int
+    notes: List[str]
+
+    @property
+    def pruned_checkpoint(self) -> bool:
+        return self.reference != self.before
+
+    def removed(self, group: str) -> torch.Tensor:
+        """Boolean mask of the channels of `group` that the cut removes."""
+        return removed_mask(self.before[group], self.keep.get(group))
+
+
+def removed_mask(width: int, keep: Optional[Sequence[int]]) -> torch.Tensor:
+    """Boolean mask of the `width` channels that a keep set (None: all kept) leaves out."""
+    mask = torch.zeros(width, dtype=torch.bool)
+    if keep is not None:
+        mask[:] = True
+        mask[list(keep)] = False
+    return mask
+
+
+# -- loading -------------------------------------------------------------------------------------
+
+
+def load_model(cfg) -> Tuple[nn.Module, Dict[str, int]]:
+    """The detector of `cfg` with MODEL.WEIGHTS loaded (a pruned checkpoint cuts it to its spec),
+    in eval mode, and the widths the config builds it with (the unpruned spec)."""
+    model = build_model(cfg)
+    reference = channel_spec(model)
+    if not cfg.MODEL.WEIGHTS:
+        logger.warning("MODEL.WEIGHTS is empty: explaining a randomly initialised model")
+    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    return model.eval(), reference
+
+
+def explanation_batches(cfg, dataset: str, num_images: int) -> List[List[dict]]:
+    """The first `num_images` annotated images of `dataset` as detectron2 training batches (with
+    `instances`), resized as at test time and never flipped or cropped, so that every pass over
+    them, and every run, sees the same pixels."""
+    if num_images < 1:
+        raise UserError(f"--images must be a positive number, got {num_images}.")
+    dicts = get_detection_dataset_dicts([dataset], filter_empty=True)[:num_images]
+    if not dicts:
+        raise UserError(f"dataset '{dataset}' has no image with annotations to explain pruning on.")
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    mapper = DatasetMapper(cfg, is_train=True, augmentations=[resize])
+    mapped = [mapper(d) for d in dicts]
+    return [mapped[i : i + BATCH_SIZE] for i in range(0, len(mapped), BATCH_SIZE)]
+
+
+# -- the cut: profile, scores, class information ---------------------------------------------------
+
+
+def widths_after(spec: Mapping[str, int], keep: Mapping[str, Sequence[int]]) -> Dict[str, int]:
+    """The channel spec that `prune(model, keep)` leaves a model of widths `spec` with."""
+    return {name: len(keep[name]) if name in keep else width for name, width in spec.items()}
+
+
+def stage_of(group: ChannelGroup) -> str:
+    """The backbone stage a group sits in (res2 ... res5), else its kind (fpn, head, stem)."""
+    match = re.search(r"\b(res\d+)\b", group.name)
+    return match.group(1) if match else group.kind
+
+
+def pruning_profile(
+    groups: Sequence[ChannelGroup], before: Mapping[str, int], after: Mapping[str, int]
+) -> List[Dict]:
+    """One row per group: name, kind, stage, width before and after."""
+    return [
+        {
+            "group": g.name,
+            "kind": g.kind,
+            "stage": stage_of(g),
+            "before": int(before[g.name]),
+            "after": int(after[g.name]),
+        }
+        for g in groups
+    ]
+
+
+def stage_losses(rows: Sequence[Mapping]) -> List[Dict]:
+    """Channels before and removed per stage, most removed first."""
+    stages: Dict[str, Dict] = {}
+    for row in rows:
+        s = stages.setdefault(row["stage"], {"stage": row["stage"], "before": 0, "removed": 0})
+        s["before"] += row["before"]
+        s["removed"] += row["before"] - row["after"]
+    return sorted(stages.values(), key=lambda s: (-s["removed"], -s["removed"] / max(s["before"], 1)))
+
+
+def eligible_groups(cfg, groups: Sequence[ChannelGroup]) -> List[ChannelGroup]:
+    """The groups the PRUNE budget may narrow: of PRUNE.KINDS, matching no PRUNE.EXCLUDE."""
+    return [
+        g
+        for g in groups
+        if g.kind in cfg.PRUNE.KINDS and not any(re.search(p, g.name) for p in cfg.PRUNE.EXCLUDE)
+    ]
+
+
+class _Recorder:
+    """A criterion that keeps the statistics and scores `choose_keep` had it compute, so that
+    the report shows exactly what was ranked, without collecting twice."""
+
+    def __init__(self, criterion: criteria.Criterion):
+        self._criterion = criterion
+        self.stats: Optional[Mapping] = None
+        self.scores: Optional[Dict[str, torch.Tensor]] = None
+
+    def __getattr__(self, name):
+        return getattr(self._criterion, name)
+
+    def score(self, model, groups, stats=None):
+        self.stats = stats
+        self.scores = self._criterion.score(model, groups, stats)
+        return self.scores
+
+
+def group_information(stats: Mapping, groups: Sequence[ChannelGroup]) -> Dict[str, torch.Tensor]:
+    """Group name -> (classes, channels): per class, the MI (nats) between each channel's binned
+    activation and "class k vs rest", from the `mi` statistics; a group with several producers
+    (a residual stream) gets the mean over them."""
+    return {
+        g.name: torch.stack(
+            [class_information(stats[name].sums["joint"]).double().cpu() for name in g.producers]
+        ).mean(0)
+        for g in groups
+    }
+
+
+def information_split(
+    information: Mapping[str, torch.Tensor], removed: Mapping[str, torch.Tensor]
+) -> Dict[str, torch.Tensor]:
+    """Per class, the information of the kept and of the removed channels of the groups in
+    `removed` (group -> boolean mask of removed channels): sums (`kept`, `removed`, `total`),
+    channel counts and means per channel (`kept_mean`, `removed_mean`)."""
+    parts = {"kept": [], "removed": []}
+    for name, mask in removed.items():
+        info = information[name]
+        parts["kept"].append(info[:, ~mask])
+        parts["removed"].append(info[:, mask])
+    kept, gone = torch.cat(parts["kept"], 1), torch.cat(parts["removed"], 1)
+    total = torch.cat([information[name] for name in removed], 1).sum(1)
+    return {
+        "kept": kept.sum(1),
+        "removed": gone.sum(1),
+        "total": total,
+        "kept_channels": kept.shape[1],
+        "removed_channels": gone.shape[1],
+        "kept_mean": kept.mean(1) if kept.shape[1] else torch.zeros_like(total),
+        "removed_mean": gone.mean(1) if gone.shape[1] else torch.zeros_like(total),
+    }
+
+
+def _apoz(model, groups, batches) -> Dict[str, torch.Tensor]:
+    """Share of non-positive activations of each channel (APoZ), mean over a group's producers."""
+    stats = collect_statistics(model, groups, criteria.build("apoz"), batches)
+    return {
+        g.name: 1 - torch.stack([stats[name].result() for name in g.producers]).mean(0).float().cpu()
+        for g in groups
+    }
+
+
+# -- one layer's filters --------------------------------------------------------------------------
+
+
+def resolve_layer(groups: Sequence[ChannelGroup], layer: Optional[str]) -> Tuple[ChannelGroup, str]:
+    """The group and the producing module whose feature map `layer` means: a group's name or one
+    of its producers' (in full or as the report shortens it, e.g. res3.1.conv1), its first
+    producer for a group. By default the mid-depth block group."""
+    spatial = [g for g in groups if g.kind in _SPATIAL_KINDS]
+    if layer is None:
+        candidates = [g for g in spatial if g.kind == "block"] or spatial
+        group = candidates[(len(candidates) - 1) // 2]
+        return group, group.producers[0]
+    for group in groups:
+        names = [group.name, *group.producers]
+        if layer not in names + [plots.short_name(n) for n in names]:
+            continue
+        if group.kind not in _SPATIAL_KINDS:
+            raise UserError(
+                f"--layer '{layer}' is a {group.kind} group, whose channels are not one feature "
+                f"map per image; name a group of kinds {', '.join(_SPATIAL_KINDS)}."
+            )
+        module = next((p for p in group.producers if layer in (p, plots.short_name(p))), None)
+        return group, module or group.producers[0]
+    short = [plots.short_name(g.name) for g in spatial]
+    producers = [plots.short_name(p) for g in spatial for p in g.producers]
+    candidates = list(dict.fromkeys(short + producers))
+    close = difflib.get_close_matches(plots.short_name(layer), candidates, n=3)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise UserError(
+        f"--layer '{layer}' is neither a channel group of this model nor one of their convs; "
+        f"{hint}groups: {', '.join(short)}."
+    )
+
+
+def receptive_field(model: nn.Module, module_name: str) -> Optional[int]:
+    """The theoretical receptive field, in input pixels, of the output of conv `module_name` of
+    the bottom-up ResNet: kernels and strides chained along the blocks' main paths from the
+    stem (r += (k - 1) * dilation * jump; jump *= stride). None for modules outside it."""
+    model = unwrap(model)
+    backbone = model.backbone
+    resnet = backbone.bottom_up if isinstance(backbone, FPN) else backbone
+    if not isinstance(resnet, ResNet):
+        return None
+    names = {m: n for n, m in model.named_modules()}
+    size, jump = 1, 1
+
+    def grow(kernel: int, stride: int, dilation: int = 1) -> None:
+        nonlocal size, jump
+        size += (kernel - 1) * dilation * jump
+        jump *= stride
+
+    stem = resnet.stem.conv1
+    grow(stem.kernel_size[0], stem.stride[0], stem.dilation[0])
+    if names[stem] == module_name:
+        return size
+    grow(3, 2)  # BasicStem's max pool
+    for stage in resnet.stages:
+        for block in stage:
+            block_input = size
+            convs = [block.conv1, block.conv2] if isinstance(block, BasicBlock) else [
+                block.conv1, block.conv2, block.conv3
+            ]
+            if block.shortcut is not None and names[block.shortcut] == module_name:
+                return block_input  # a 1x1 conv on the block's input
+            for conv in convs:
+                grow(conv.kernel_size[0], conv.stride[0], conv.dilation[0])
+                if names[conv] == module_name:
+                    return size
+    return None
+
+
+def patch_box(
+    y: int, x: int, stride: float, side: float, height: int, width: int
+) -> Tuple[int, int, int, int]:
+    """The square of `side` pixels centred on feature-map position (y, x), clipped to the image."""
+    cx, cy, half = (x + 0.5) * stride, (y + 0.5) * stride, side / 2
+    x0 = int(np.clip(round(cx - half), 0, width - 1))
+    y0 = int(np.clip(round(cy - half), 0, height - 1))
+    x1 = int(np.clip(round(cx + half), x0 + 1, width))
+    y1 = int(np.clip(round(cy + half), y0 + 1, height))
+    return x0, y0, x1, y1
+
+
+def layer_activations(
+    model: nn.Module, batches: Sequence[List[dict]], module_name: str, channels: Sequence[int]
+) -> Tuple[List[torch.Tensor], List[torch.Tensor], float]:
+    """The activations of `channels` of backbone module `module_name`, one (len(channels), h, w)
+    map per image (on its batch's padded size), the (h, w) target labels of each map
+    (`position_labels`: 0 background, k + 1 class k; -1 in the padding) and the map's stride
+    in image pixels.
+
+    The backbone runs in eval mode on the detector's own normalised, padded input; the
+    activation is the module output (after its norm, before the block's ReLU), as the
+    statistics collector sees it.
+    """
+    model = unwrap(model)
+    module = dict(model.named_modules())[module_name]
+    captured: List[torch.Tensor] = []
+    index = torch.as_tensor(list(channels), dtype=torch.long)
+    handle = module.register_forward_hook(
+        lambda m, inputs, output: captured.append(output.detach()[:, index].float().cpu())
+    )
+    maps, labels, stride = [], [], 1.0
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(batches, desc=f"activations of {module_name}", leave=False):
+                images = model.preprocess_image(batch)
+                captured.clear()
+                model.backbone(images.tensor)
+                (a,) = captured  # a backbone module runs once per forward
+                stride = images.tensor.shape[-2] / a.shape[-2]
+                maps += list(a)
+                size, padded = tuple(a.shape[-2:]), tuple(images.tensor.shape[-2:])
+                inside = image_positions(batch, size, padded)
+                labels += list(torch.where(inside, position_labels(batch, size, padded), -1))
+    finally:
+        handle.remove()
+        for m, training in modes.items():
+            m.training = training
+    return maps, labels, stride
+
+
+def layer_relevance(
+    model: nn.Module, batches: Sequence[List[dict]], module_name: str, channels: Sequence[int]
+) -> List[torch.Tensor]:
+    """LRP relevance of `channels` at `module_name`, one (len(channels), h, w) map per image."""
+    index = torch.as_tensor(list(channels), dtype=torch.long)
+    maps = []
+    for batch in tqdm(batches, desc=f"relevance at {module_name}", leave=False):
+        relevance = relevance_maps(model, batch, [module_name])[module_name]
+        maps += list(relevance.detach()[:, index].float().cpu())
+    return maps
+
+
+def top_hits(
+    maps: Sequence[torch.Tensor], labels: Sequence[torch.Tensor], j: int, count: int
+) -> List[Tuple[int, int, int, float]]:
+    """The `count` images where channel `j` of `maps` peaks highest, padding left out (label
+    -1): (image, y, x, value) at each peak."""
+    inside = [torch.where(y >= 0, m[j], -torch.inf) for m, y in zip(maps, labels)]
+    peaks = torch.stack([a.max() for a in inside])
+    hits = []
+    for image in peaks.argsort(descending=True, stable=True)[:count].tolist():
+        a = inside[image]
+        y, x = divmod(int(a.argmax()), a.shape[-1])
+        hits.append((image, y, x, float(a[y, x])))
+    return hits
+
+
+def _image_views(batches: Sequence[List[dict]], indices, image_format: str) -> Dict[int, ImageView]:
+    flat = [x for batch in batches for x in batch]
+    views = {}
+    for i in sorted(set(indices)):
+        x = flat[i]
+        rgb = convert_image_to_rgb(x["image"].permute(1, 2, 0), image_format)
+        instances = x["instances"]
+        views[i] = ImageView(
+            rgb=np.clip(np.asarray(rgb, dtype=np.float32), 0, 255).astype(np.uint8),
+            boxes=instances.gt_boxes.tensor.numpy().copy(),
+            classes=instances.gt_classes.numpy().copy(),
+        )
+    return views
+
+
+def explain_layer(
+    cfg,
+    model: nn.Module,
+    batches: Sequence[List[dict]],
+    group: ChannelGroup,
+    module_name: str,
+    scores: torch.Tensor,
+    removed: torch.Tensor,
+    class_names: Sequence[str],
+    filters: int = 4,
+    per_filter: int = 3,
+) -> Tuple[LayerView, Dict[int, ImageView], List[str]]:
+    """The `filters` highest- and lowest-scored channels of `group`, each with the `per_filter`
+    images where they fire most: a crop of the receptive field around the peak and the
+    channel's relevance map on the image (its activation where relevance is unavailable)."""
+    order = scores.argsort(descending=True, stable=True).tolist()
+    count = min(filters, len(order) // 2) or 1
+    chosen = order[:count] + order[-count:]
+    maps, labels, stride = layer_activations(model, batches, module_name, chosen)
+    notes, heat, kind = [], maps, "activation"
+    if relevance_maps is None:
+        notes.append(
+            "Relevance heat maps need d2prune.criteria.relevance, which is not installed here: "
+            "the heat maps show the filters' activations instead."
+        )
+    else:
+        heat, kind = layer_relevance(model, batches, module_name, chosen), "relevance"
+    rf = receptive_field(model, module_name)
+    side = max(rf if rf is not None else 4 * stride, 2 * stride)
+    flat = [x for batch in batches for x in batch]
+    raw = {j: top_hits(maps, labels, j, per_filter) for j in range(len(chosen))}
+    views = _image_views(batches, [h[0] for hits in raw.values() for h in hits], cfg.INPUT.FORMAT)
+
+    def view(j: int) -> FilterView:
+        hits = []
+        for image, y, x, value in raw[j]:
+            height, width = flat[image]["image"].shape[-2:]
+            label = int(labels[image][y, x])
+            hits.append(
+                Hit(
+                    image=image, y=y, x=x, value=value,
+                    box=patch_box(y, x, stride, side, height, width),
+                    label=class_names[label - 1] if label else "background",
+                    heatmap=heat[image][j].numpy(),
+                )
+            )
+        c = chosen[j]
+        return FilterView(channel=c, score=float(scores[c]), removed=bool(removed[c]), hits=hits)
+
+    layer = LayerView(
+        group=group.name,
+        module=module_name,
+        stride=stride,
+        receptive_field=rf,
+        heatmap=kind,
+        most=[view(j) for j in range(count)],
+        least=[view(j) for j in range(count, len(chosen))],
+    )
+    return layer, views, notes
+
+
+# -- the whole analysis ----------------------------------------------------------------------------
+
+
+def explain(
+    cfg,
+    model: nn.Module,
+    batches: Sequence[List[dict]],
+    *,
+    reference: Optional[Mapping[str, int]] = None,
+    layer: Optional[str] = None,
+    dataset: str = "",
+    class_names: Optional[Sequence[str]] = None,
+    filters: int = 4,
+    per_filter: int = 3,
+) -> Explanation:
+    """Score `model` with PRUNE.CRITERION, cut it under the PRUNE budget (without pruning it) and
+    gather what the report shows, on `batches` (training batches with `instances`).
+
+    `reference` is the spec the config builds (default: the model's own); a model narrower
+    than it is a pruned checkpoint, and the cut is then a further step from its widths.
+    """
+    check_prune_config(cfg)
+    criterion = build_criterion(cfg)
+    groups = find_groups(model)
+    group, module_name = resolve_layer(groups, layer)
+    before = channel_spec(model)
+    reference = dict(reference or before)
+    batches = list(batches)
+    num_classes = _num_classes(model)
+    class_names = list(class_names or [])[:num_classes] or [str(k) for k in range(num_classes)]
+    eligible = eligible_groups(cfg, groups)
+
+    logger.info("Scoring channels with %s on %d images", cfg.PRUNE.CRITERION, sum(map(len, batches)))
+    recorder = _Recorder(criterion)
+    keep = choose_keep(cfg, model, recorder, batches)
+    after = widths_after(before, keep)
+    notes = []
+
+    information = None
+    if class_information is None or "mi" not in criteria.available():
+        notes.append(
+            "Class information needs the mi criterion (d2prune.criteria.information), which is "
+            "not installed here: the class-information section is left out."
+        )
+    else:
+        logger.info("Collecting mi statistics for class information")
+        stats = recorder.stats if cfg.PRUNE.CRITERION == "mi" else None
+        if stats is None:
+            stats = collect_statistics(model, eligible, criteria.build("mi"), batches)
+        information = group_information(stats, eligible)
+
+    logger.info("Collecting activation statistics (APoZ)")
+    apoz = _apoz(model, eligible, batches)
+
+    logger.info("Finding the patches that %s's filters answer to", module_name)
+    layer_view, images, layer_notes = explain_layer(
+        cfg, model, batches, group, module_name, recorder.scores[group.name],
+        removed_mask(before[group.name], keep.get(group.name)), class_names, filters, per_filter,
+    )
+    return Explanation(
+        weights=cfg.MODEL.WEIGHTS, dataset=dataset, criterion=cfg.PRUNE.CRITERION,
+        budget=_budget(cfg), kinds=list(cfg.PRUNE.KINDS), class_names=class_names,
+        class_counts=_class_counts(batches, len(class_names)), groups=groups, eligible=[g.name for g in eligible], reference=reference,
+        before=before, after=after, scores=recorder.scores, keep=keep, apoz=apoz,
+        information=information, layer=layer_view, images=images,
+        num_images=sum(map(len, batches)), notes=notes + layer_notes,
+    )  # fmt: skip
+
+
+def _class_counts(batches: Sequence[List[dict]], num_classes: int) -> List[int]:
+    classes = torch.cat([x["instances"].gt_classes for batch in batches for x in batch])
+    return torch.bincount(classes, minlength=num_classes)[:num_classes].tolist()
+
+
+def _num_classes(model: nn.Module) -> int:
+    model = unwrap(model)
+    if hasattr(model, "roi_heads"):
+        return model.roi_heads.num_classes
+    return model.num_classes
+
+
+def _budget(cfg) -> str:
+    p = cfg.PRUNE
+    if p.FLOPS_REDUCTION > 0:
+        return f"FLOPs reduction {p.FLOPS_REDUCTION:g} (global)"
+    return f"ratio {p.RATIO:g}, {p.MODE}"
+
+
+def explain_checkpoint(
+    cfg,
+    output_dir: str,
+    dataset: Optional[str] = None,
+    num_images: int = 32,
+    layer: Optional[str] = None,
+    filters: int = 4,
+) -> Explanation:
+    """Load `cfg.MODEL.WEIGHTS`, explain the PRUNE cut on `dataset` (default: DATASETS.TEST[0])
+    and write `output_dir/report.html` with its figures."""
+    if dataset is None:
+        if not cfg.DATASETS.TEST:
+            raise UserError("DATASETS.TEST is empty: name the images to explain on with --split.")
+        dataset = cfg.DATASETS.TEST[0]
+    if filters < 1:
+        raise UserError(f"--filters must be a positive number, got {filters}.")
+    check_prune_config(cfg)
+    build_criterion(cfg)  # an unknown criterion fails before any slow work
+    model, reference = load_model(cfg)
+    resolve_layer(find_groups(model), layer)
+    batches = explanation_batches(cfg, dataset, num_images)
+    class_names = MetadataCatalog.get(dataset).get("thing_classes", None)
+    explanation = explain(
+        cfg, model, batches, reference=reference, layer=layer, dataset=dataset,
+        class_names=class_names, filters=filters,
+    )  # fmt: skip
+    write_report(explanation, output_dir)
+    return explanation
+
+
+# -- the report ------------------------------------------------------------------------------------
+
+
+def _pct(part: float, whole: float) -> str:
+    return f"{part / whole:.0%}" if whole else "-"
+
+
+def _short(name: str) -> str:
+    return plots.short_name(name)
+
+
+def summary(e: Explanation) -> List[str]:
+    """The findings in plain sentences, each with the numbers behind it."""
+    lines = []
+    if e.pruned_checkpoint:
+        rows = pruning_profile(e.groups, e.reference, e.before)
+        total, now = sum(e.reference.values()), sum(e.before.values())
+        losses = [s for s in stage_losses(rows) if s["removed"]]
+        lines.append(
+            f"This checkpoint is already pruned: it has {now} of the {total} channels the config "
+            f"builds ({_pct(total - now, total)} removed); most were removed from "
+            + ", ".join(f"{s['stage']} ({s['removed']} of {s['before']}, {_pct(s['removed'], s['before'])})" for s in losses[:3])
+            + ". The cut below is a further step from its current widths."
+        )
+    rows = pruning_profile([g for g in e.groups if g.name in e.eligible], e.before, e.after)
+    total = sum(r["before"] for r in rows)
+    removed = sum(r["before"] - r["after"] for r in rows)
+    lines.append(
+        f"{e.criterion} at {e.budget} removes {removed} of the {total} channels "
+        f"({_pct(removed, total)}) of the {len(rows)} groups of kinds {', '.join(e.kinds)}, "
+        f"scored on {e.num_images} images of {e.dataset or 'the given batches'}."
+    )
+    losses = [s for s in stage_losses(rows) if s["removed"]]
+    if losses:
+        lines.append(
+            "Channels removed per stage, most first: "
+            + ", ".join(f"{s['stage']} {s['removed']} of {s['before']} ({_pct(s['removed'], s['before'])})" for s in losses)
+            + "."
+        )
+    masks = {name: e.removed(name) for name in e.eligible}
+    silent_removed = sum(int((e.apoz[n][m] >= NEAR_SILENT).sum()) for n, m in masks.items())
+    silent_kept = sum(int((e.apoz[n][~m] >= NEAR_SILENT).sum()) for n, m in masks.items())
+    kept = total - removed
+    lines.append(
+        f"{silent_removed} of the {removed} removed filters ({_pct(silent_removed, removed)}) were "
+        f"near-silent on these images (non-positive, i.e. zero after the ReLU, at {NEAR_SILENT:.0%} "
+        f"of positions or more); among the {kept} kept filters, {silent_kept} ({_pct(silent_kept, kept)})."
+    )
+    present = [k for k, n in enumerate(e.class_counts) if n]
+    if e.information is not None and removed and present:
+        split = information_split(e.information, masks)
+        share = split["removed"] / split["total"].clamp(min=1e-12)
+        overall = float(split["removed"][present].sum() / split["total"][present].sum().clamp(min=1e-12))
+        order = sorted(present, key=lambda k: -float(share[k]))
+        lines.append(
+            f"The removed filters ({_pct(removed, total)} of the filters) carried {overall:.0%} of "
+            f"the class information summed over the {len(present)} classes present in these images; "
+            f"per class, from {float(share[order[-1]]):.0%} ({e.class_names[order[-1]]}) to "
+            f"{float(share[order[0]]):.0%} ({e.class_names[order[0]]})."
+        )
+        lines.append(
+            "Classes whose information dropped most: "
+            + ", ".join(f"{e.class_names[k]} ({float(share[k]):.0%})" for k in order[:3])
+            + ". Averaged over these classes, a removed filter carried "
+            + _ratio(split["removed_mean"][present].sum(), split["kept_mean"][present].sum())
+            + " the information of a kept one."
+        )
+    absent = [e.class_names[k] for k, n in enumerate(e.class_counts) if not n]
+    if absent:
+        lines.append(f"No object of {', '.join(absent)} is in these images: nothing is measured for them.")
+    layer = e.layer
+    for title, views in (("most", layer.most), ("least", layer.least)):
+        labels = [h.label for v in views for h in v.hits]
+        objects = [x for x in labels if x != "background"]
+        common = max(set(objects), key=objects.count) if objects else None
+        lines.append(
+            f"In {_short(layer.group)}, the {len(views)} {title} important filters peak on an object in "
+            f"{len(objects)} of their {len(labels)} top images"
+            + (f" (most often {common}, {objects.count(common)} times)." if common else ".")
+        )
+    return lines
+
+
+def _ratio(a, b) -> str:
+    return f"{float(a) / float(b):.2f} times" if float(b) else "-"
+
+
+def _image_tag(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+_STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+img { max-width: 100%; }
+table { border-collapse: collapse; margin: 1em 0; }
+td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.note { color: #8a5a00; }
+"""
+
+
+def render_figures(e: Explanation) -> Dict[str, bytes]:
+    """File name -> PNG of every figure of the report."""
+    if e.pruned_checkpoint:
+        rows, labels = pruning_profile(e.groups, e.reference, e.before), ("config", "checkpoint")
+    else:
+        rows, labels = pruning_profile(e.groups, e.before, e.after), ("before", "after the cut")
+    figures = {"profile.png": plots.profile_chart(rows, labels)}
+    figures["scores.png"] = plots.score_grid(
+        [(name, e.scores[name].numpy(), e.removed(name).numpy()) for name in e.eligible], e.criterion
+    )
+    for title, views in (("most", e.layer.most), ("least", e.layer.least)):
+        figures[f"filters_{title}.png"] = plots.filter_gallery(
+            f"{title} important filters of {_short(e.layer.group)} by {e.criterion}",
+            views, e.images, e.layer, e.class_names,
+        )
+    if e.information is not None:
+        split = information_split(e.information, {n: e.removed(n) for n in e.eligible})
+        figures["class_information.png"] = plots.information_chart(e.class_names, split)
+    return figures
+
+
+def report_html(e: Explanation, figures: Mapping[str, bytes]) -> str:
+    """The report as one self-contained HTML page (figures embedded as base64 PNGs)."""
+    esc = html.escape
+    layer = e.layer
+    parts = [
+        "<!DOCTYPE html>",
+        '<html><head><meta charset="utf-8"><title>d2prune: what pruning removes</title>',
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>What pruning removes</h1>",
+        "<p>"
+        f"weights <code>{esc(e.weights or '(random initialisation)')}</code>; criterion "
+        f"<code>{esc(e.criterion)}</code> at {esc(e.budget)}, kinds {esc(', '.join(e.kinds))}; "
+        f"{e.num_images} images of <code>{esc(e.dataset)}</code>."
+        "</p>",
+    ]
+    parts += [f'<p class="note">{esc(n)}</p>' for n in e.notes]
+    parts += ['<h2 id="summary">Summary</h2>', "<ul>"]
+    parts += [f"<li>{esc(line)}</li>" for line in summary(e)]
+    parts += ["</ul>", '<h2 id="profile">Pruning profile</h2>']
+    if e.pruned_checkpoint:
+        parts.append("<p>Widths of every channel group: as the config builds them and in this pruned checkpoint.</p>")
+        rows = pruning_profile(e.groups, e.reference, e.before)
+    else:
+        parts.append(f"<p>Widths of every channel group before and after the cut that {esc(e.criterion)} makes.</p>")
+        rows = pruning_profile(e.groups, e.before, e.after)
+    parts.append(_image_tag(figures["profile.png"], "pruning profile"))
+    parts.append("<p>Per stage, over all its groups (its residual stream and the heads included):</p>")
+    parts.append(
+        _table(
+            ["stage", "channels before", "removed", "removed share"],
+            [[s["stage"], s["before"], s["removed"], _pct(s["removed"], s["before"])] for s in stage_losses(rows)],
+        )
+    )
+    parts += [
+        '<h2 id="scores">Score distributions</h2>',
+        f"<p>{esc(e.criterion)} scores of the channels of every group of kinds "
+        f"{esc(', '.join(e.kinds))}; red channels are removed, the dashed line is the cut.</p>",
+        _image_tag(figures["scores.png"], "score distributions"),
+        f'<h2 id="filters">Filters of {esc(_short(layer.group))}</h2>',
+        "<p>"
+        f"Feature map of <code>{esc(layer.module)}</code> (stride {layer.stride:g} px"
+        + (f", theoretical receptive field {layer.receptive_field} px" if layer.receptive_field else "")
+        + "). Each row is a filter: the images where it fires most, cropped around the peak "
+        "(yellow: the peak's cell, green: ground-truth boxes), then its "
+        + ("LRP relevance (red positive, blue negative)" if layer.heatmap == "relevance" else "activation")
+        + " over the same images (dashed: the crop).</p>",
+    ]
+    for title in ("most", "least"):
+        parts.append(_image_tag(figures[f"filters_{title}.png"], f"{title} important filters"))
+    parts.append('<h2 id="information">Class information</h2>')
+    if e.information is None:
+        parts.append('<p class="note">Not available: the mi criterion is not installed.</p>')
+    else:
+        split = information_split(e.information, {n: e.removed(n) for n in e.eligible})
+        parts += [
+            "<p>Per class, the mutual information (nats) between each channel's binned activation "
+            "and &ldquo;object of this class vs the rest&rdquo; at each position (from the "
+            "<code>mi</code> statistics), summed over the kept and over the removed channels of "
+            "the pruned kinds; a sum of per-channel values, which counts redundant channels twice.</p>",
+            _image_tag(figures["class_information.png"], "class information"),
+            _table(
+                ["class", "objects", "total", "kept", "removed", "removed share", "mean per kept filter",
+                 "mean per removed filter"],
+                [
+                    [
+                        name, e.class_counts[k], f"{float(split['total'][k]):.3f}", f"{float(split['kept'][k]):.3f}",
+                        f"{float(split['removed'][k]):.3f}", _pct(float(split["removed"][k]), float(split["total"][k])),
+                        f"{float(split['kept_mean'][k]):.4f}", f"{float(split['removed_mean'][k]):.4f}",
+                    ]
+                    for k, name in enumerate(e.class_names)
+                ],
+            ),
+        ]  # fmt: skip
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(e: Explanation, output_dir: str) -> str:
+    """Write the figures as PNGs and `report.html` into `output_dir`, each atomically; return
+    the report's path."""
+    os.makedirs(output_dir, exist_ok=True)
+    figures = render_figures(e)
+    for name, png in figures.items():
+        with atomic_open(os.path.join(output_dir, name), "wb") as f:
+            f.write(png)
+    path = os.path.join(output_dir, "report.html")
+    atomic_write_text(path, report_html(e, figures))
+    return path
+
