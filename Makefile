@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-full source demo-prune benchmark test data lint clean
+.PHONY: setup demo study study-full source demo-prune explain export benchmark test data lint clean
 
 setup:
 	@bash tools/setup/install.sh
@@ -43,11 +43,27 @@ source: data
 
 # One-shot pruning of the shipped source model: 30 % and 50 % of the
 # `block` channels by l1 norm, reports in output/synthetic/oneshot/l1_{30,50}/report.md.
-demo-prune: setup
+demo-prune: data
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
 		--criterion l1 --ratio 0.3 --output output/synthetic/oneshot/l1_30 MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
 	$(PY) tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
 		--criterion l1 --ratio 0.5 --output output/synthetic/oneshot/l1_50 MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
+
+# What pruning removes, explained: output/explain/demo/report.html (about 4 minutes).
+explain: data
+	$(PY) tools/explain_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
+		--split synthetic_target_val --criterion mi --ratio 0.5 --output output/explain/demo \
+		MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
+
+# TorchScript and ONNX exports of the source model and of its one-shot l1 50 % pruning, with
+# parity checks, sizes and latency in output/export/*/export.json.
+export: demo-prune
+	$(PY) tools/export_model.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
+		--format torchscript --format onnx --output output/export/source \
+		--latency-repeats 50 --threads 1 --clock cpu MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
+	$(PY) tools/export_model.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
+		--format torchscript --format onnx --output output/export/l1_50 \
+		--latency-repeats 50 --threads 1 --clock cpu MODEL.WEIGHTS output/synthetic/oneshot/l1_50/model_pruned.pth
 
 # Engine benchmark on R50-FPN (CPU): surgery time, ResNet latency cut per FLOPs cut.
 benchmark: setup

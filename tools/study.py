@@ -52,6 +52,7 @@ def argument_parser():
     parser.add_argument("--image-size", type=int, default=192, help="side of the generated target images")
     parser.add_argument("--report", default=None, metavar="MD", help="markdown report (default: OUTPUT/results.md)")
     parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     return parser
 
@@ -74,7 +75,7 @@ def main(args):
 
     worker = [sys.executable, os.path.abspath(__file__), WORKER, args.config_file, args.output,
               json.dumps(datasets), json.dumps(args.opts)]
-    failed = study.run_study(jobs, worker, args.output, args.jobs)
+    failed = [] if args.report_only else study.run_study(jobs, worker, args.output, args.jobs)
 
     wanted = {job.name for job in jobs}
     results = [r for r in study.load_results(args.output) if r["name"] in wanted]
