@@ -65,9 +65,13 @@ export: demo-prune
 		--format torchscript --format onnx --output output/export/l1_50 \
 		--latency-repeats 50 --threads 1 --clock cpu MODEL.WEIGHTS output/synthetic/oneshot/l1_50/model_pruned.pth
 
-# Engine benchmark on R50-FPN (CPU): surgery time, ResNet latency cut per FLOPs cut.
+# Benchmarks on CPU (random weights, about 15 + 5 minutes on 2 cores): speed-up per FLOPs cut,
+# surgery, scoring overhead of every criterion, memory of a pruning event; d2prune beside
+# Torch-Pruning and torch.nn.utils.prune. One thread and CPU time keep a shared machine from
+# distorting the figures.
 benchmark: setup
-	$(PY) tools/benchmark_pruning.py --side 512 --output docs/benchmark_pruning.md
+	$(PY) tools/benchmark.py --threads 1 --clock cpu --repeats 3 --rounds 5 --output docs/benchmark.md
+	$(PY) tools/benchmark_peers.py --side 320 --threads 1 --clock cpu --output docs/benchmark_peers.md
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -1,19 +1,63 @@
-"""The engine benchmark's measurements on a small model: structure and FLOPs, never timings."""
+"""The benchmark's measurements on small models: structure, FLOPs, memory; never timings."""
 
 import pytest
+import torch
 
-from d2prune.analysis.benchmark import backbone_speedup, surgery_seconds
+from d2prune import criteria
+from d2prune.analysis.benchmark import (
+    block_keep,
+    fixed_proposals,
+    peak_rss,
+    pruned_copy,
+    pruning_event_memory,
+    random_batches,
+    scoring_overhead,
+    speedup,
+    surgery_seconds,
+)
+from d2prune.config import add_prune_config
 
 from . import models
 
 
-def test_backbone_speedup_reaches_the_flops_target():
-    model = models.build("faster_rcnn_R18_FPN")
-    result = backbone_speedup(model, side=64, flops_reduction=0.3, round_to=8, repeats=1)
-    assert result["flops_reduction"] >= 0.3
-    assert result["after"]["backbone_params"] < result["before"]["backbone_params"]
-    assert result["before"]["backbone_latency_ms"] > 0 and result["after"]["backbone_latency_ms"] > 0
-    assert result["latency_over_flops"] == pytest.approx(result["latency_reduction"] / result["flops_reduction"])
+def _proposals(model):
+    images = model.preprocess_image(models.images(1))
+    with torch.no_grad():
+        features = model.backbone(images.tensor)
+        return model.proposal_generator(images, features)[0][0], features
+
+
+def test_fixed_proposals_are_the_same_anchors_before_and_after_pruning():
+    model = fixed_proposals(models.build("faster_rcnn_R18_FPN"))
+    rpn = model.proposal_generator
+    rpn.post_nms_topk = {True: 10**6, False: 10**6}  # so that only NMS could drop candidates
+    proposals, features = _proposals(model)
+    candidates = sum(
+        min(rpn.pre_nms_topk[False], features[f].shape[-2] * features[f].shape[-1] * n)
+        for f, n in zip(rpn.in_features, rpn.anchor_generator.num_cell_anchors)
+    )
+    assert len(proposals) == candidates
+    pruned, _ = _proposals(pruned_copy(model, block_keep(model, 0.5)))
+    assert torch.equal(pruned.proposal_boxes.tensor, proposals.proposal_boxes.tensor)
+
+
+def test_speedup_reaches_the_flops_target_on_the_resnet():
+    model = fixed_proposals(models.build("faster_rcnn_R18_FPN"))
+    base, row = speedup(model, side=64, levels=(0.3,), target="flops", repeats=1, rounds=1)
+    assert base["level"] == 0 and row["level"] == 0.3
+    # select_for_flops stops within its 1 % tolerance above the target.
+    assert 0.3 <= row["backbone_flops_cut"] <= 0.3 * 1.05
+    assert row["backbone_params"] < base["backbone_params"]
+    # The detector's FPN and heads keep their FLOPs: the same cut is a smaller share of more.
+    assert 0 < row["detector_flops_cut"] < row["backbone_flops_cut"]
+    assert base["detector_params"] - row["detector_params"] == base["backbone_params"] - row["backbone_params"]
+    for part in ("backbone", "detector"):
+        for suffix in ("", "_min"):
+            assert 0 < row[f"{part}_latency{suffix}_ms"] and 0 < base[f"{part}_latency{suffix}_ms"]
+            assert row[f"{part}_latency_over_flops{suffix}"] == pytest.approx(
+                row[f"{part}_latency_cut{suffix}"] / row[f"{part}_flops_cut"]
+            )
+        assert row[f"{part}_latency_min_ms"] <= row[f"{part}_latency_ms"]
 
 
 def test_surgery_seconds_counts_block_groups():
@@ -21,3 +65,38 @@ def test_surgery_seconds_counts_block_groups():
     result = surgery_seconds(model, repeats=1)
     assert result["groups_pruned"] == 8  # R18: two BasicBlocks in each of four stages
     assert result["median_s"] > 0
+
+
+def test_scoring_overhead_covers_each_criterion_and_reports_failures():
+    model = models.build("faster_rcnn_R18_FPN")
+    batches = random_batches(1, 1, 64, num_classes=3)
+    result = scoring_overhead(models.faster_rcnn_cfg(18), model, ["l1", "apoz", "l3"], batches, event_batches=4)
+    assert result["iteration_s"] > 0 and result["event_batches"] == 4
+    l1, apoz, unknown = result["criteria"]
+    assert (l1["criterion"], l1["data"], l1["collect_s"]) == ("l1", "none", 0)
+    assert (apoz["criterion"], apoz["data"]) == ("apoz", "images") and apoz["collect_s"] > 0
+    for row in (l1, apoz):
+        assert row["score_s"] > 0
+        assert row["event_s"] == pytest.approx(4 * row["collect_s"] + row["score_s"])
+        assert row["iterations"] == pytest.approx(row["event_s"] / result["iteration_s"])
+    assert "unknown pruning criterion 'l3'" in unknown["error"] and "event_s" not in unknown
+
+
+def test_peak_rss_sees_a_tensor_allocated_inside():
+    result, memory = peak_rss(lambda: torch.ones(64, 2**20).sum())  # 256 MiB of float32
+    assert result == 64 * 2**20
+    assert memory["extra_mib"] >= 200
+    assert memory["peak_mib"] >= memory["before_mib"] + memory["extra_mib"] - 1
+
+
+def test_pruning_event_memory_holds_a_model_copy():
+    model = models.build("faster_rcnn_R18_FPN")
+    cfg = models.faster_rcnn_cfg(18)
+    add_prune_config(cfg)
+    params_mib = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    result = pruning_event_memory(cfg, model, criteria.build("l1"), random_batches(1, 1, 64, 3), ratio=0.5)
+    assert result["groups_pruned"] == 8
+    assert result["params_mib_after"] < params_mib
+    # Slicing the momentum prunes a deep copy of the model while the model itself is alive.
+    assert result["event"]["extra_mib"] >= result["params_mib_after"]
+    assert result["train"]["extra_mib"] > 0
