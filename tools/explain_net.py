@@ -3,7 +3,7 @@
 
     python tools/explain_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
         --split synthetic_target_val --criterion l1 --ratio 0.5 --output output/explain/demo \
-        MODEL.WEIGHTS output/synthetic/source/model_final.pth
+        MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
 
 For an unpruned checkpoint it explains the cut that the criterion makes at the ratio; for a
 pruned one (written by prune_net.py or train_net.py) it compares its widths with the config's and

@@ -3,7 +3,7 @@
 
     python tools/prune_net.py --config-file configs/synthetic/faster_rcnn_R18_FPN_source.yaml \
         --criterion l1 --ratio 0.5 --output output/pruned_l1_50 \
-        MODEL.WEIGHTS output/demo/source/model_final.pth
+        MODEL.WEIGHTS models/faster_rcnn_R18_FPN_source.pth
 
 Writes OUTPUT/model_pruned.pth (loadable by train_net.py --eval-only as is), report.json and
 report.md. Flags override the config's PRUNE keys; trailing KEY VALUE pairs override any key.
