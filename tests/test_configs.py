@@ -19,9 +19,9 @@ def test_configs_found():
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_loads(name):
     cfg = setup_cfg(str(REPO / name))
-    # Only the configs under prune/ prune while training; they must pass the training-time
-    # check once their criterion is registered (loading never requires it).
-    assert cfg.PRUNE.ENABLED is ("/prune/" in name)
+    # Only the configs under prune/ and study/ prune while training; they must pass the
+    # training-time check once their criterion is registered (loading never requires it).
+    assert cfg.PRUNE.ENABLED is ("/prune/" in name or "/study/" in name)
     if cfg.PRUNE.ENABLED and cfg.PRUNE.CRITERION in available():
         check_prune_config(cfg)
     if name.startswith("configs/synthetic/") and "Base-" not in name:
@@ -39,7 +39,7 @@ def test_bad_config_and_options(tmp_path):
         setup_cfg(str(tmp_path / "nope.yaml"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("MODEL:\n  NOT_A_KEY: 1\n")
-    with pytest.raises(UserError, match=r"bad.yaml: Non-existent config key: MODEL.NOT_A_KEY"):
+    with pytest.raises(UserError, match=r"bad.yaml: unknown config key MODEL.NOT_A_KEY; see add_prune_config"):
         setup_cfg(str(bad))
-    with pytest.raises(UserError, match=r"command-line options SOLVER.NOPE 3: Non-existent key: SOLVER.NOPE"):
+    with pytest.raises(UserError, match=r"command-line options SOLVER.NOPE 3: unknown config key SOLVER.NOPE; see add_prune_config"):
         setup_cfg(str(REPO / "configs/synthetic/faster_rcnn_R18_FPN_source.yaml"), ["SOLVER.NOPE", "3"])
