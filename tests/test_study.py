@@ -100,7 +100,8 @@ def test_summary_pairs_by_seed_against_the_baseline():
     assert half["backbone_flops_share"] == pytest.approx(0.6) and half["latency_share"] == pytest.approx(0.6)
     assert most["pairs"] == 1 and math.isnan(most["p"])
     lines = report.answer(rows, 40)
-    assert "l1: beats the baseline's mean up to 40 %" in lines[1]
+    assert lines[1] == ("l1: above the baseline up to 40 % fewer backbone FLOPs (ratio 0.5, ΔAP +2.00 ± 1.00, "
+                        "p 0.07, 3 seeds).")
     table = report.markdown_table(rows)
     assert "| 40 | l1 | 0.5 | 3 | 13.00 ± 2.00 |" in table and "+2.00 ± 1.00 | 0.07 |" in table
 
@@ -109,7 +110,7 @@ def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
     results += [_result("random", 0.5, s, 5.0, 60.0) for s in range(3)]
     rows = report.summarize(results)
-    assert "random: below the baseline at every ratio (at 0.5: ΔAP -6.00)" in report.answer(rows, 40)[1]
+    assert report.answer(rows, 40)[1] == "random: below the baseline's seed spread at every ratio (at 0.5: ΔAP -6.00, 3 seed(s))."
     assert os.path.isfile(report.plot_ap_vs_flops(rows, 40, str(tmp_path / "a.png")))
     assert report.plot_ap_vs_train_size(rows, str(tmp_path / "b.png")) is None
 

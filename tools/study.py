@@ -105,7 +105,9 @@ def write_outputs(args, rows, main_size, seconds, finished, planned):
     machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, Python {platform.python_version()}, "
                f"torch {torch.__version__}, CPU only" if not torch.cuda.is_available()
                else f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
-    elapsed = f"{seconds / 60:.1f} min for this invocation ({finished} of {planned} runs finished)"
+    run_minutes = sum(r.get("seconds", 0.0) for row in rows for r in row["runs"]) / 60
+    elapsed = (f"{run_minutes:.0f} min of fine-tuning and evaluation in {finished} of the {planned} planned runs "
+               f"(one at a time); this invocation {seconds / 60:.1f} min")
     report.write_report(md, rows, main_size, plots, command, machine, elapsed)
     print(report.markdown_table(rows))
     for line in report.answer(rows, main_size):
