@@ -23,7 +23,6 @@ the input size (scale 1: clipping and dropping empty boxes only), so both give b
 coordinates of the image they were given.
 """
 
-import contextlib
 import importlib.util
 import json
 import logging
@@ -32,7 +31,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -49,7 +48,7 @@ from .compat import tracing_adapter_class
 from .data import validate_datasets
 from .engine.checkpoint import PrunedCheckpointer
 from .errors import UserError
-from .utils.io import atomic_write_text
+from .utils.io import atomic_path, atomic_write_text
 
 __all__ = [
     "FORMATS",
@@ -220,23 +219,6 @@ def output_names(adapter: nn.Module) -> List[str]:
     return list(instances_schema.keys) + ["image_size"]
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-    """A temporary path beside `path` to write to; renamed over `path` when the block succeeds."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o666 & ~umask)  # as open() would create it, not mkstemp's owner-only mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _reason(e: Exception) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
@@ -252,7 +234,7 @@ def export_torchscript(adapter: nn.Module, path: str) -> Runner:
             traced = torch.jit.trace(adapter, adapter.flattened_inputs, check_trace=False)
     except Exception as e:  # any failure inside the model's code while tracing
         raise UserError(f"{type(adapter.model).__name__} cannot be traced to TorchScript: {_reason(e)}.") from None
-    with warnings.catch_warnings(), _atomic_path(path) as tmp:
+    with warnings.catch_warnings(), atomic_path(path) as tmp:
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
         torch.jit.save(traced, tmp)
     with warnings.catch_warnings():
@@ -275,7 +257,7 @@ def export_onnx(adapter: nn.Module, path: str) -> Runner:
     dynamic = {"image": {1: "height", 2: "width"}}
     dynamic.update({name: {0: "detections"} for name in names if name != "image_size"})
     try:
-        with warnings.catch_warnings(), _atomic_path(path) as tmp:
+        with warnings.catch_warnings(), atomic_path(path) as tmp:
             warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
             torch.onnx.export(
                 adapter, adapter.flattened_inputs, tmp, dynamo=False, opset_version=ONNX_OPSET,

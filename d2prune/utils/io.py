@@ -7,31 +7,41 @@ from typing import IO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
-    """A file to write `path` through: a temporary file in the same folder, flushed to disk and
-    renamed over `path` when the block ends without an exception (and deleted if it does not).
+def atomic_path(path: str) -> Iterator[str]:
+    """A temporary path beside `path` to write to, synced to disk and renamed over `path` when
+    the block ends without an exception (and deleted if it does not). For writers that take a
+    file name (torch.jit.save, torch.onnx.export); `atomic_open` gives a file.
 
     The temporary name starts with a dot and ends in `.tmp`, so that a process killed mid-write
     leaves nothing that looks like a finished file (a checkpoint listing sees no stray `.pth`).
     """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
     # Created as open() would create `path` (permissions from the umask), unlike mkstemp's 0600.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w") -> Iterator[IO]:
+    """A file to write `path` through, atomically (see `atomic_path`)."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open writes whole files: mode must be 'w' or 'wb', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+        yield f
 
 
 def atomic_write_text(path: str, text: str) -> None:

@@ -9,6 +9,7 @@ from typing import Mapping
 import torch
 
 from ..errors import UserError
+from ..utils.io import atomic_open
 
 __all__ = ["pack_checkpoint"]
 
@@ -26,8 +27,6 @@ def pack_checkpoint(source: str, destination: str, meta: Mapping) -> dict:
     packed = {"model": model, "meta": dict(meta, iteration=checkpoint.get("iteration"))}
     if "d2prune" in checkpoint:
         packed["d2prune"] = checkpoint["d2prune"]
-    os.makedirs(os.path.dirname(os.path.abspath(destination)), exist_ok=True)
-    tmp = destination + ".tmp"
-    torch.save(packed, tmp)
-    os.replace(tmp, destination)
+    with atomic_open(destination, "wb") as f:
+        torch.save(packed, f)
     return packed["meta"]
