@@ -1,8 +1,13 @@
-"""Helpers for the pruning-while-training tests: a tiny dataset and a config that prunes often."""
+"""Helpers for the pruning tests: a tiny dataset, a config that prunes often, statistics as if
+collected on two ranks."""
 
 from pathlib import Path
 
+import torch
+from detectron2.utils import comm
+
 from d2prune.config import setup_cfg
+from d2prune.criteria.collector import collect_statistics
 from d2prune.data import register_datasets
 from d2prune.data.synthetic import generate, split_paths
 
@@ -35,3 +40,19 @@ def prune_cfg(dataset: list, out: Path, iters: int, events=(1, 3), *opts):
     register_datasets(cfg)
     cfg.freeze()
     return cfg
+
+
+def statistics_on_two_ranks(model, groups, criterion, batches, monkeypatch):
+    """Statistics collected alone, then as if on two ranks that saw the same images (the
+    all-reduce doubles every sum); returns (alone, together, sizes of the collectives)."""
+    alone = collect_statistics(model, groups, criterion, batches)
+    reduced = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    together = collect_statistics(model, groups, criterion, batches)
+    return alone, together, reduced

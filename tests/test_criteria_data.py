@@ -4,7 +4,6 @@ lowest, and collecting leaves the model exactly as it was.
 
 import pytest
 import torch
-from detectron2.utils import comm
 
 from d2prune.criteria import build
 from d2prune.criteria.collector import collect_statistics
@@ -13,6 +12,7 @@ from d2prune.errors import UserError
 from d2prune.pruning import find_groups
 
 from . import models
+from .prune_helpers import statistics_on_two_ranks
 
 torch.set_num_threads(2)
 
@@ -178,16 +178,7 @@ def test_a_failing_batch_leaves_no_hooks_behind():
 def test_statistics_are_summed_across_processes(useless, monkeypatch):
     model, groups = useless
     criterion, batches = build("mean_activation"), _batches()
-    alone = collect_statistics(model, groups, criterion, batches)
-    reduced = []
-
-    def all_reduce(tensor, *args, **kwargs):
-        reduced.append(tensor.numel())
-        tensor.mul_(2)  # a second rank that saw the same images
-
-    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    together = collect_statistics(model, groups, criterion, batches)
+    alone, together, reduced = statistics_on_two_ranks(model, groups, criterion, batches, monkeypatch)
     assert len(reduced) == 1  # one collective for all sums
     for name, acc in alone.items():
         assert torch.equal(together[name].sums["count"], 2 * acc.sums["count"]), name

@@ -5,7 +5,6 @@ with zennit, useless channels of detectors ranked lowest, and scoring that leave
 import pytest
 import torch
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
-from detectron2.utils import comm
 from torch import nn
 from zennit.attribution import Gradient
 from zennit.canonizers import SequentialMergeBatchNorm
@@ -18,6 +17,7 @@ from d2prune.errors import UserError
 from d2prune.pruning import find_groups
 
 from . import models
+from .prune_helpers import statistics_on_two_ranks
 
 torch.set_num_threads(2)
 
@@ -243,16 +243,7 @@ def test_useless_channels_rank_lowest(request, detector, name):
 def test_scores_are_repeatable_and_summed_across_processes(faster_rcnn, monkeypatch, name):
     model, groups = faster_rcnn
     criterion, batches = build(name), [models.with_targets(models.images(1, seed=4))]
-    alone = collect_statistics(model, groups, criterion, batches)
-    reduced = []
-
-    def all_reduce(tensor, *args, **kwargs):
-        reduced.append(tensor.numel())
-        tensor.mul_(2)  # a second rank that saw the same images
-
-    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
-    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    together = collect_statistics(model, groups, criterion, batches)
+    alone, together, reduced = statistics_on_two_ranks(model, groups, criterion, batches, monkeypatch)
     assert len(reduced) == 1  # one collective for all sums
     # Twice the sums of the first run, bit for bit: the second run repeated the first exactly.
     for producer, acc in alone.items():
