@@ -106,6 +106,26 @@ def test_summary_pairs_by_seed_against_the_baseline():
     assert "| 40 | l1 | 0.5 | 3 | 13.00 ± 2.00 |" in table and "+2.00 ± 1.00 | 0.07 |" in table
 
 
+def test_delta_table_and_headline_rank_criteria_and_count_significant_comparisons():
+    results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
+    # l1: +1, +2, +3 at 0.3 (t = 3.46, p 0.074) and exactly +1 on every seed at 0.5 (p 0);
+    # taylor: -3 on every seed at 0.5 only, beyond the baseline's spread of 1.
+    results += [_result("l1", 0.3, s, 11.0 + 2 * s, 80.0) for s in range(3)]
+    results += [_result("l1", 0.5, s, 11.0 + s, 60.0) for s in range(3)]
+    results += [_result("taylor", 0.5, s, 7.0 + s, 60.0) for s in range(3)]
+    rows = report.summarize(results)
+    table = report.delta_table(rows, 40).splitlines()
+    assert table[0] == "| criterion | ratio 0.3 (80 % FLOPs) | ratio 0.5 (60 % FLOPs) | mean |"
+    assert table[2] == "| l1 | +2.00 ± 1.00 (3) | +1.00 ± 0.00* (3) | +1.50 |"
+    assert table[3] == "| taylor | – | -3.00 ± 0.00* (3) | -3.00 |"
+    lines = report.answer(rows, 40)
+    assert lines[-3] == "Deepest pruning matched: ratio 0.5 (40 % fewer backbone FLOPs) by l1."
+    assert lines[-2] == "Mean ΔAP over each criterion's ratios, best first: l1 +1.50, taylor -3.00."
+    assert lines[-1] == ("2 of 3 paired comparisons reach p < 0.05: l1 at 0.5 (+1.00), taylor at 0.5 (-3.00) "
+                         "(by chance alone about 0.2 would).")
+    assert report.delta_table(report.summarize(results[:3]), 40) == ""
+
+
 def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
     results += [_result("random", 0.5, s, 5.0, 60.0) for s in range(3)]
@@ -135,6 +155,8 @@ def test_a_tiny_study_end_to_end(trained, tmp_path):
     base, pruned = sorted(results, key=lambda r: r["criterion"] is not None)
     assert pruned["params"] < base["params"] and pruned["backbone_flops"] < base["backbone_flops"]
     assert sum(pruned["spec"].values()) < sum(base["spec"].values())
+    for name in ("baseline_n3_s0", "l1_r0.5_n3_s0"):  # only the final weights stay
+        assert sorted(p.name for p in (out / "runs" / name).glob("*.pth")) == ["model_final.pth"]
     md = (out / "results.md").read_text()
     assert "| 3 | l1 | 0.5 | 1 |" in md and "ap_vs_flops.png" in md
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()

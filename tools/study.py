@@ -41,6 +41,7 @@ def argument_parser():
     parser.add_argument("--config-file", required=True, metavar="FILE", help="the fine-tuning config (PRUNE schedule included)")
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--criteria", nargs="+", default=None, help="default: every registered criterion")
+    parser.add_argument("--baselines-only", action="store_true", help="only the unpruned fine-tunes (e.g. to check a schedule)")
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-sizes", nargs="+", type=int, default=[40], help="target train images")
@@ -52,6 +53,7 @@ def argument_parser():
     parser.add_argument("--image-size", type=int, default=192, help="side of the generated target images")
     parser.add_argument("--report", default=None, metavar="MD", help="markdown report (default: OUTPUT/results.md)")
     parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--notes", default=None, metavar="MD", help="a hand-written reading of the results, put in the report")
     parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
     return parser
@@ -61,7 +63,9 @@ def main(args):
     started = time.perf_counter()
     if args.jobs < 1:
         raise UserError(f"--jobs must be at least 1, got {args.jobs}.")
-    names = args.criteria or criteria.available()
+    if args.notes and not os.path.isfile(args.notes):
+        raise UserError(f"--notes: {args.notes} does not exist.")
+    names = [] if args.baselines_only else args.criteria or criteria.available()
     main_size = args.main_size or (40 if 40 in args.train_sizes else args.train_sizes[0])
     jobs = study.plan(names, args.ratios, args.seeds, args.train_sizes, main_size, args.size_criteria, args.size_ratio)
     datasets = study.prepare_target_subsets(args.data_root, [main_size, *args.train_sizes], args.image_size)
@@ -106,9 +110,14 @@ def write_outputs(args, rows, main_size, seconds, finished, planned):
                f"torch {torch.__version__}, CPU only" if not torch.cuda.is_available()
                else f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     run_minutes = sum(r.get("seconds", 0.0) for row in rows for r in row["runs"]) / 60
-    elapsed = (f"{run_minutes:.0f} min of fine-tuning and evaluation in {finished} of the {planned} planned runs "
-               f"(one at a time); this invocation {seconds / 60:.1f} min")
-    report.write_report(md, rows, main_size, plots, command, machine, elapsed)
+    elapsed = (f"{run_minutes:.0f} min of fine-tuning and evaluation summed over {finished} of the {planned} "
+               f"planned runs (each timed alone; runs sharing the cores take longer each); this invocation "
+               f"{seconds / 60:.1f} min")
+    notes = ""
+    if args.notes:
+        with open(args.notes, encoding="utf-8") as f:
+            notes = f.read()
+    report.write_report(md, rows, main_size, plots, command, machine, elapsed, notes=notes)
     print(report.markdown_table(rows))
     for line in report.answer(rows, main_size):
         print(line)

@@ -8,8 +8,8 @@ import statistics
 from collections import defaultdict
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["summarize", "answer", "markdown_table", "plot_ap_vs_flops", "plot_ap_vs_train_size", "spec_key",
-           "write_csv", "paired_t_test"]
+__all__ = ["summarize", "answer", "markdown_table", "delta_table", "plot_ap_vs_flops", "plot_ap_vs_train_size",
+           "spec_key", "write_csv", "paired_t_test"]
 
 
 def spec_key(spec: Mapping[str, int]) -> str:
@@ -108,6 +108,34 @@ def answer(rows: Sequence[Mapping], train_size: int) -> List[str]:
             worst = min(cells, key=lambda r: r["ratio"])
             lines.append(f"{name}: below the baseline's seed spread at every ratio "
                          f"(at {worst['ratio']:g}: ΔAP {worst['dAP']:+.2f}, {worst['pairs']} seed(s)).")
+    return lines + _headline(by_criterion, tolerance)
+
+
+def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -> List[str]:
+    """Across criteria: the largest reduction that any criterion matches the baseline at, the
+    criterion with the best AP difference averaged over its ratios, and how many comparisons
+    reach p < 0.05 (about one in twenty would by chance)."""
+    cells = [r for rows in by_criterion.values() for r in rows]
+    if not cells:
+        return []
+    lines = []
+    matched = [r for r in cells if r["dAP"] >= -tolerance]
+    if matched:
+        deepest = max(r["ratio"] for r in matched)
+        at = [r for r in matched if r["ratio"] == deepest]
+        share = statistics.fmean(r["backbone_flops_share"] for r in at)
+        lines.append(f"Deepest pruning matched: ratio {deepest:g} ({100 * (1 - share):.0f} % fewer backbone FLOPs) "
+                     f"by {', '.join(sorted(r['criterion'] for r in at))}.")
+    means = {name: statistics.fmean(r["dAP"] for r in rows) for name, rows in by_criterion.items()}
+    ranked = sorted(means, key=means.get, reverse=True)
+    lines.append("Mean ΔAP over each criterion's ratios, best first: "
+                 + ", ".join(f"{name} {means[name]:+.2f}" for name in ranked) + ".")
+    tested = [r for r in cells if r["pairs"] >= 2]
+    if tested:
+        significant = sorted(f"{r['criterion']} at {r['ratio']:g} ({r['dAP']:+.2f})" for r in tested if r["p"] < 0.05)
+        lines.append(f"{len(significant)} of {len(tested)} paired comparisons reach p < 0.05"
+                     + (f": {', '.join(significant)}" if significant else "")
+                     + f" (by chance alone about {0.05 * len(tested):.1f} would).")
     return lines
 
 
@@ -136,6 +164,36 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
             _fmt(r["latency_ms"]) + ("" if base or "latency_share" not in r else f" ({100 * r['latency_share']:.0f} %)"),
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
+    """ΔAP paired by seed (mean ± std, `*` where p < 0.05) with one line per criterion and one
+    column per ratio, the columns headed by their share of the baseline's backbone FLOPs; lines
+    sorted by the mean over their cells, best first."""
+    cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
+    if not cells:
+        return ""
+    ratios = sorted({r["ratio"] for r in cells})
+    share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if r["ratio"] == x) for x in ratios}
+    table = defaultdict(dict)
+    for r in cells:
+        table[r["criterion"]][r["ratio"]] = r
+    order = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
+    head = "| criterion | " + " | ".join(f"ratio {x:g} ({100 * share[x]:.0f} % FLOPs)" for x in ratios) + " | mean |"
+    lines = [head, "|" + "---|" * (len(ratios) + 2)]
+    for name in order:
+        row = table[name]
+        mean = statistics.fmean(r["dAP"] for r in row.values())
+        lines.append(f"| {name} | " + " | ".join(_delta_cell(row.get(x)) for x in ratios) + f" | {mean:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _delta_cell(r: Optional[Mapping]) -> str:
+    if r is None:
+        return "–"
+    star = "*" if r["pairs"] >= 2 and r["p"] < 0.05 else ""
+    spread = f" ± {r['dAP_std']:.2f}" if r["pairs"] >= 2 else ""
+    return f"{r['dAP']:+.2f}{spread}{star} ({r['pairs']})"
 
 
 _MARKERS = "os^Dv<>pPX*hH8d"
@@ -226,12 +284,27 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
+def _delta_section(rows: Sequence[Mapping], main_size: int) -> List[str]:
+    table = delta_table(rows, main_size)
+    if not table:
+        return []
+    return [
+        f"## ΔAP by criterion and ratio ({main_size} target images)\n",
+        "AP difference to the unpruned fine-tune of the same seed, mean ± std over seeds (number of "
+        "seeds in brackets; `*`: paired t-test p < 0.05). Columns: pruning ratio of the block channels "
+        "and the backbone FLOPs left, as a share of the unpruned backbone's.\n",
+        table,
+    ]
+
+
 def write_report(
     path: str, rows: Sequence[Mapping], main_size: int, plots: Sequence[str], command: str,
-    machine: str, elapsed: str, title: str = "Transfer study",
+    machine: str, elapsed: str, title: str = "Transfer study", notes: str = "",
 ) -> str:
-    """The study as markdown at `path`: the answer in sentences, the table, the plots (linked
-    relative to `path`), the command that produced it, the machine and the time taken."""
+    """The study as markdown at `path`: the answer in sentences, `notes` (a hand-written reading
+    of the numbers, kept when the report is regenerated), ΔAP by criterion and ratio, the full
+    table, the plots (linked relative to `path`), the command that produced it, the machine and
+    the time taken."""
     import os
 
     from ..utils.io import atomic_write_text
@@ -245,6 +318,8 @@ def write_report(
         "## Answer\n",
         *(f"- {line}" for line in answer(rows, main_size)),
         "",
+        *([notes.strip() + "\n"] if notes.strip() else []),
+        *_delta_section(rows, main_size),
         "## Table\n",
         markdown_table(rows),
         *(f"![{os.path.basename(p)}]({os.path.relpath(p, folder)})\n" for p in plots if p),

@@ -150,7 +150,21 @@ def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequenc
         "seconds": round(time.perf_counter() - start, 1),
     }
     atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
+    remove_intermediate_checkpoints(run_dir)
     return result
+
+
+def remove_intermediate_checkpoints(run_dir: str) -> List[str]:
+    """Delete a finished run's periodic and per-event checkpoints, keeping `model_final.pth`
+    (the latency measurement and later analysis load it): a run writes six of them, about
+    400 MB, which a full study of 129 runs could not keep on a normal disk. Returns the removed
+    file names."""
+    removed = []
+    for name in sorted(os.listdir(run_dir)):
+        if name.endswith(".pth") and name != "model_final.pth":
+            os.remove(os.path.join(run_dir, name))
+            removed.append(name)
+    return removed
 
 
 def load_results(output: str) -> List[Dict]:
