@@ -126,6 +126,16 @@ def test_delta_table_and_headline_rank_criteria_and_count_significant_comparison
     assert report.delta_table(report.summarize(results[:3]), 40) == ""
 
 
+def test_coverage_says_what_is_missing():
+    jobs = study.plan(["l1", "taylor"], [0.3, 0.5], [0, 1], [40, 20], 40, ["l1"], 0.5)
+    planned = [dict(vars(job), name=job.name) for job in jobs]
+    finished = {job.name for job in jobs if job.criterion != "taylor" and not (job.ratio == 0.3 and job.seed == 1)}
+    assert report.coverage(planned, finished, 40) == (
+        "Partial: 9 of 14 planned runs finished (unpruned: 2/2; unpruned on 20 images: 2/2; ratio 0.3: 1/4; "
+        "ratio 0.5: 2/4; ratio 0.5 on 20 images: 2/2); not yet run: taylor.")
+    assert report.coverage(planned, {job.name for job in jobs}, 40) == ""
+
+
 def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
     results += [_result("random", 0.5, s, 5.0, 60.0) for s in range(3)]

@@ -21,6 +21,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 from detectron2.utils.logger import setup_logger
@@ -85,14 +86,15 @@ def main(args):
     results = [r for r in study.load_results(args.output) if r["name"] in wanted]
     latency = study.measure_latencies(args.config_file, results, args.output, datasets, args.opts, args.latency_repeats)
     rows = report.summarize(results, lambda r: latency.get(report.spec_key(r["spec"])))
-    write_outputs(args, rows, main_size, time.perf_counter() - started, len(results), len(jobs))
+    status = report.coverage([dict(asdict(job), name=job.name) for job in jobs], {r["name"] for r in results}, main_size)
+    write_outputs(args, rows, main_size, time.perf_counter() - started, len(results), len(jobs), status)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their worker.log. "
                         "Rerun the same command to retry them.")
     return rows
 
 
-def write_outputs(args, rows, main_size, seconds, finished, planned):
+def write_outputs(args, rows, main_size, seconds, finished, planned, status=""):
     os.makedirs(args.output, exist_ok=True)
     md = args.report or os.path.join(args.output, "results.md")
     figures = os.path.join(os.path.dirname(os.path.abspath(md)), "figures") if args.report else args.output
@@ -117,10 +119,12 @@ def write_outputs(args, rows, main_size, seconds, finished, planned):
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
             notes = f.read()
-    report.write_report(md, rows, main_size, plots, command, machine, elapsed, notes=notes)
+    report.write_report(md, rows, main_size, plots, command, machine, elapsed, notes=notes, status=status)
     print(report.markdown_table(rows))
     for line in report.answer(rows, main_size):
         print(line)
+    if status:
+        print(status)
     print(f"study: report {md}; plots {', '.join(p for p in plots if p)}; runs in {args.output}/results.csv")
 
 

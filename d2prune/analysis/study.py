@@ -6,9 +6,9 @@ import json
 import math
 import statistics
 from collections import defaultdict
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["summarize", "answer", "markdown_table", "delta_table", "plot_ap_vs_flops", "plot_ap_vs_train_size",
+__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "plot_ap_vs_flops", "plot_ap_vs_train_size",
            "spec_key", "write_csv", "paired_t_test"]
 
 
@@ -137,6 +137,28 @@ def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -
                      + (f": {', '.join(significant)}" if significant else "")
                      + f" (by chance alone about {0.05 * len(tested):.1f} would).")
     return lines
+
+
+def coverage(planned: Sequence[Mapping], finished: Collection[str], main_size: int) -> str:
+    """"" when every planned run (mappings with name, criterion, ratio, train_size) is finished,
+    else one sentence: finished / planned runs in all and per cell kind, and the criteria with
+    no finished run yet."""
+    done = [job for job in planned if job["name"] in finished]
+    if len(done) == len(planned):
+        return ""
+    counts: Dict[str, List[int]] = {}
+    for job in planned:
+        kind = "unpruned" if job["criterion"] is None else f"ratio {job['ratio']:g}"
+        if job["train_size"] != main_size:
+            kind += f" on {job['train_size']} images"
+        cell = counts.setdefault(kind, [0, 0])
+        cell[0] += job["name"] in finished
+        cell[1] += 1
+    started = {job["criterion"] for job in done}
+    missing = sorted({job["criterion"] for job in planned if job["criterion"] not in started} - {None})
+    return (f"Partial: {len(done)} of {len(planned)} planned runs finished ("
+            + "; ".join(f"{kind}: {a}/{b}" for kind, (a, b) in counts.items()) + ")"
+            + (f"; not yet run: {', '.join(missing)}" if missing else "") + ".")
 
 
 def _fmt(value, spec=".1f", empty="–"):
@@ -299,7 +321,7 @@ def _delta_section(rows: Sequence[Mapping], main_size: int) -> List[str]:
 
 def write_report(
     path: str, rows: Sequence[Mapping], main_size: int, plots: Sequence[str], command: str,
-    machine: str, elapsed: str, title: str = "Transfer study", notes: str = "",
+    machine: str, elapsed: str, title: str = "Transfer study", notes: str = "", status: str = "",
 ) -> str:
     """The study as markdown at `path`: the answer in sentences, `notes` (a hand-written reading
     of the numbers, kept when the report is regenerated), ΔAP by criterion and ratio, the full
@@ -312,6 +334,7 @@ def write_report(
     folder = os.path.dirname(os.path.abspath(path))
     parts = [
         f"# {title}\n",
+        *([f"**{status}**\n"] if status else []),
         "Fine-tunes of the source model on the synthetic target domain: the unpruned fine-tune "
         "(baseline) and fine-tunes that prune while they train, with the same seeds and schedule; "
         "evaluated on the target val split. ΔAP is paired by seed; p is the paired t-test's.\n",
