@@ -143,6 +143,8 @@ def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     assert report.answer(rows, 40)[1] == "random: below the baseline's seed spread at every ratio (at 0.5: ΔAP -6.00, 3 seed(s))."
     assert os.path.isfile(report.plot_ap_vs_flops(rows, 40, str(tmp_path / "a.png")))
     assert report.plot_ap_vs_train_size(rows, str(tmp_path / "b.png")) is None
+    assert os.path.isfile(report.plot_delta(rows, 40, str(tmp_path / "c.png")))
+    assert report.plot_delta(report.summarize(results[:3]), 40, str(tmp_path / "d.png")) is None
 
 
 def test_a_tiny_study_end_to_end(trained, tmp_path):
@@ -168,7 +170,7 @@ def test_a_tiny_study_end_to_end(trained, tmp_path):
     for name in ("baseline_n3_s0", "l1_r0.5_n3_s0"):  # only the final weights stay
         assert sorted(p.name for p in (out / "runs" / name).glob("*.pth")) == ["model_final.pth"]
     md = (out / "results.md").read_text()
-    assert "| 3 | l1 | 0.5 | 1 |" in md and "ap_vs_flops.png" in md
+    assert "| 3 | l1 | 0.5 | 1 |" in md and "ap_vs_flops.png" in md and "delta_ap.png" in md
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
     again = run_tool("study.py", *args)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout

@@ -101,6 +101,7 @@ def write_outputs(args, rows, main_size, seconds, finished, planned, status=""):
     os.makedirs(figures, exist_ok=True)
     stem = os.path.splitext(os.path.basename(md))[0]
     plots = [
+        report.plot_delta(rows, main_size, os.path.join(figures, f"{stem}_delta_ap.png")),
         report.plot_ap_vs_flops(rows, main_size, os.path.join(figures, f"{stem}_ap_vs_flops.png")),
         report.plot_ap_vs_train_size(rows, os.path.join(figures, f"{stem}_ap_vs_train_size.png")),
     ]

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "plot_ap_vs_flops", "plot_ap_vs_train_size",
+__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "plot_delta", "plot_ap_vs_flops", "plot_ap_vs_train_size",
            "spec_key", "write_csv", "paired_t_test"]
 
 
@@ -255,6 +255,46 @@ def plot_ap_vs_flops(rows: Sequence[Mapping], train_size: int, path: str) -> str
     ax.set_title(f"Pruned fine-tunes vs the unpruned one ({train_size} target images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_delta(rows: Sequence[Mapping], train_size: int, path: str) -> Optional[str]:
+    """ΔAP against the baseline as a criterion x ratio grid (the delta table as a picture):
+    colour the mean over seeds on a scale centred on zero and as wide as the largest |ΔAP|,
+    each cell annotated with mean ± std and a hatch where fewer than two seeds are paired.
+    None when no pruned cell has a baseline yet."""
+    cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
+    if not cells:
+        return None
+    plt = _plt()
+    ratios = sorted({r["ratio"] for r in cells})
+    table = defaultdict(dict)
+    for r in cells:
+        table[r["criterion"]][r["ratio"]] = r
+    names = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
+    grid = [[table[n][x]["dAP"] if x in table[n] else float("nan") for x in ratios] for n in names]
+    limit = max(abs(r["dAP"]) for r in cells) or 1.0
+    fig, ax = plt.subplots(figsize=(max(5.5, 2.6 + 1.6 * len(ratios)), 1.4 + 0.38 * len(names)))
+    image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    for i, name in enumerate(names):
+        for j, x in enumerate(ratios):
+            r = table[name].get(x)
+            if r is None:
+                continue
+            text = f"{r['dAP']:+.2f}" + (f"\n± {r['dAP_std']:.2f}" if r["pairs"] >= 2 else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if abs(r["dAP"]) > 0.6 * limit else "black")
+            if r["pairs"] < 2:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="..", lw=0, color="0.6"))
+    share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if r["ratio"] == x) for x in ratios}
+    ax.set_xticks(range(len(ratios)), [f"{x:g}\n({100 * share[x]:.0f} % FLOPs)" for x in ratios], fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("share of block channels pruned (backbone FLOPs left)", fontsize=8)
+    ax.set_title(f"ΔAP vs unpruned, paired by seed ({train_size} images; dotted: 1 seed)", fontsize=9)
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, label="mean ΔAP")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
