@@ -124,6 +124,14 @@ def test_delta_table_and_headline_rank_criteria_and_count_significant_comparison
     assert lines[-1] == ("2 of 3 paired comparisons reach p < 0.05: l1 at 0.5 (+1.00), taylor at 0.5 (-3.00) "
                          "(by chance alone about 0.2 would).")
     assert report.delta_table(report.summarize(results[:3]), 40) == ""
+    # random at 0.5 on seeds 0 and 1 only: l1 is compared on those two runs (+2, +2), taylor on
+    # (-2, -2); both have no spread, so p is 0.
+    results += [_result("random", 0.5, s, 9.0 + s, 60.0) for s in range(2)]
+    table = report.delta_table(report.summarize(results), 40).splitlines()
+    assert table[0].endswith("| mean | vs random |")
+    assert table[2] == "| l1 | +2.00 ± 1.00 (3) | +1.00 ± 0.00* (3) | +1.50 | +2.00 ± 0.00* (2) |"
+    assert table[3] == "| random | – | -1.00 ± 0.00* (2) | -1.00 | – |"
+    assert table[4] == "| taylor | – | -3.00 ± 0.00* (3) | -3.00 | -2.00 ± 0.00* (2) |"
 
 
 def test_coverage_says_what_is_missing():

@@ -8,7 +8,7 @@ import statistics
 from collections import defaultdict
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "plot_delta", "plot_ap_vs_flops", "plot_ap_vs_train_size",
+__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "versus", "plot_delta", "plot_ap_vs_flops", "plot_ap_vs_train_size",
            "spec_key", "write_csv", "paired_t_test"]
 
 
@@ -191,7 +191,9 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
 def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
     """ΔAP paired by seed (mean ± std, `*` where p < 0.05) with one line per criterion and one
     column per ratio, the columns headed by their share of the baseline's backbone FLOPs; lines
-    sorted by the mean over their cells, best first."""
+    sorted by the mean over their cells, best first. When `random` was run, a last column gives
+    each criterion's AP difference to it on the same ratio and seed, pooled over ratios: a
+    criterion worth its cost should beat picking filters at random."""
     cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
     if not cells:
         return ""
@@ -201,13 +203,38 @@ def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
     for r in cells:
         table[r["criterion"]][r["ratio"]] = r
     order = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
-    head = "| criterion | " + " | ".join(f"ratio {x:g} ({100 * share[x]:.0f} % FLOPs)" for x in ratios) + " | mean |"
-    lines = [head, "|" + "---|" * (len(ratios) + 2)]
+    reference = table.get("random")
+    head = ("| criterion | " + " | ".join(f"ratio {x:g} ({100 * share[x]:.0f} % FLOPs)" for x in ratios)
+            + " | mean |" + (" vs random |" if reference else ""))
+    lines = [head, "|" + "---|" * (len(ratios) + 2 + bool(reference))]
     for name in order:
         row = table[name]
         mean = statistics.fmean(r["dAP"] for r in row.values())
-        lines.append(f"| {name} | " + " | ".join(_delta_cell(row.get(x)) for x in ratios) + f" | {mean:+.2f} |")
+        line = f"| {name} | " + " | ".join(_delta_cell(row.get(x)) for x in ratios) + f" | {mean:+.2f} |"
+        if reference:
+            line += " – |" if name == "random" else f" {_versus_cell(row, reference)} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def versus(cells: Mapping[float, Mapping], reference: Mapping[float, Mapping]) -> Tuple[List[float], float]:
+    """AP differences of one criterion's runs to a reference criterion's (e.g. random) on the
+    same ratio and seed, pooled over ratios, and their paired t-test p-value."""
+    diffs = []
+    for ratio, row in cells.items():
+        other = {r["seed"]: r["bbox_AP"] for r in reference[ratio]["runs"]} if ratio in reference else {}
+        diffs += [r["bbox_AP"] - other[r["seed"]] for r in row["runs"] if r["seed"] in other]
+    return diffs, paired_t_test(diffs)
+
+
+def _versus_cell(cells: Mapping[float, Mapping], reference: Mapping[float, Mapping]) -> str:
+    diffs, p = versus(cells, reference)
+    if not diffs:
+        return "–"
+    mean, std = _mean_std(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.2f} (1)"
+    return f"{mean:+.2f} ± {std:.2f}{'*' if p < 0.05 else ''} ({len(diffs)})"
 
 
 def _delta_cell(r: Optional[Mapping]) -> str:
