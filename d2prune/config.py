@@ -250,6 +250,29 @@ def _check_config_file(path: str, child: Optional[str] = None) -> None:
             _check_config_file(base, path)
 
 
+def separate_overrides(argv: Sequence[str]) -> list:
+    """`argv` with `--` put before its first KEY VALUE config override (a key of the
+    d2prune/Detectron2 config, e.g. SOLVER.MAX_ITER), unless a `--` comes earlier: without it a
+    list option in front (`--seeds 0 1 2 SOLVER.MAX_ITER 400`) swallows the overrides and
+    argparse fails on them. Pair with `strip_separator` on the parsed overrides."""
+    argv = list(argv)
+    keys = None
+    for i, token in enumerate(argv):
+        if token == "--":
+            return argv
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", token):
+            keys = keys if keys is not None else set(_flat_keys(add_prune_config(get_cfg())))
+            if token in keys:
+                return argv[:i] + ["--"] + argv[i:]
+    return argv
+
+
+def strip_separator(opts: Sequence[str]) -> list:
+    """argparse keeps a `--` at the head of a REMAINDER list; config overrides must not see it."""
+    opts = list(opts)
+    return opts[1:] if opts[:1] == ["--"] else opts
+
+
 def _merge_error(cfg: CN, e: Exception) -> str:
     """A merge failure in one line; an unknown key comes with the closest existing ones."""
     text = _one_line(e)

@@ -1,6 +1,7 @@
 """The transfer study: its plan, its bookkeeping across crashes, its statistics, and one tiny
 study run end to end through tools/study.py."""
 
+import importlib.util
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 
 from d2prune.analysis import study as report
+from d2prune.config import separate_overrides, strip_separator
 from d2prune.data.synthetic import generate
 from d2prune.engine import study
 from d2prune.errors import UserError
@@ -142,6 +144,24 @@ def test_coverage_says_what_is_missing():
         "Partial: 9 of 14 planned runs finished (unpruned: 2/2; unpruned on 20 images: 2/2; ratio 0.3: 1/4; "
         "ratio 0.5: 2/4; ratio 0.5 on 20 images: 2/2); not yet run: taylor.")
     assert report.coverage(planned, {job.name for job in jobs}, 40) == ""
+
+
+def test_config_overrides_after_a_list_option_are_kept_apart():
+    spec = importlib.util.spec_from_file_location("study_tool", REPO / "tools" / "study.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def parse(*argv):
+        args = tool.argument_parser().parse_args(separate_overrides(argv))
+        return args.seeds, args.output, strip_separator(args.opts)
+
+    base = ("--config-file", "c.yaml")
+    assert parse(*base, "--output", "OUT.DIR", "--seeds", "0", "1", "SOLVER.MAX_ITER", "5") == (
+        [0, 1], "OUT.DIR", ["SOLVER.MAX_ITER", "5"])
+    assert parse(*base, "--seeds", "2", "--output", "o", "--", "SEED", "3") == ([2], "o", ["SEED", "3"])
+    assert parse(*base, "--output", "o") == ([0], "o", [])
+    with pytest.raises(SystemExit):  # not a config key: argparse still says what is wrong
+        parse(*base, "--output", "o", "--seeds", "0", "SOLVER.MAX_ITERS", "5")
 
 
 def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):

@@ -28,7 +28,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2prune import criteria
 from d2prune.analysis import study as report
-from d2prune.config import check_weights, setup_cfg
+from d2prune.config import check_weights, separate_overrides, setup_cfg, strip_separator
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.engine import study
 from d2prune.errors import UserError, exit_on_user_error
@@ -56,7 +56,8 @@ def argument_parser():
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--notes", default=None, metavar="MD", help="a hand-written reading of the results, put in the report")
     parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides for every run")
+    parser.add_argument("opts", nargs=argparse.REMAINDER,
+                        help="KEY VALUE config overrides for every run, last (they may follow a list option)")
     return parser
 
 
@@ -135,4 +136,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == [WORKER]:  # one run, started by run_study
         exit_on_user_error(study.worker_main, sys.argv[2:])
     else:
-        exit_on_user_error(main, argument_parser().parse_args())
+        args = argument_parser().parse_args(separate_overrides(sys.argv[1:]))
+        args.opts = strip_separator(args.opts)
+        exit_on_user_error(main, args)
