@@ -120,12 +120,17 @@ def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -
         return []
     lines = []
     matched = [r for r in cells if r["dAP"] >= -tolerance]
-    if matched:
-        deepest = max(r["ratio"] for r in matched)
-        at = [r for r in matched if r["ratio"] == deepest]
-        share = statistics.fmean(r["backbone_flops_share"] for r in at)
-        lines.append(f"Deepest pruning matched: ratio {deepest:g} ({100 * (1 - share):.0f} % fewer backbone FLOPs) "
-                     f"by {', '.join(sorted(r['criterion'] for r in at))}.")
+    parts = []
+    for label, found in (("on several seeds", [r for r in matched if r["pairs"] >= 2]),
+                         ("on one seed", [r for r in matched if r["pairs"] < 2])):
+        if found:
+            deepest = max(r["ratio"] for r in found)
+            at = [r for r in found if r["ratio"] == deepest]
+            share = statistics.fmean(r["backbone_flops_share"] for r in at)
+            parts.append(f"{label}, ratio {deepest:g} ({100 * (1 - share):.0f} % fewer backbone FLOPs) "
+                         f"by {', '.join(sorted(r['criterion'] for r in at))}")
+    if parts:
+        lines.append(f"Deepest pruning matched: {'; '.join(parts)}.")
     means = {name: statistics.fmean(r["dAP"] for r in rows) for name, rows in by_criterion.items()}
     ranked = sorted(means, key=means.get, reverse=True)
     lines.append("Mean ΔAP over each criterion's ratios, best first: "
