@@ -121,7 +121,11 @@ def test_delta_table_and_headline_rank_criteria_and_count_significant_comparison
     assert table[2] == "| l1 | +2.00 ± 1.00 (3) | +1.00 ± 0.00* (3) | +1.50 |"
     assert table[3] == "| taylor | – | -3.00 ± 0.00* (3) | -3.00 |"
     lines = report.answer(rows, 40)
-    assert lines[-3] == "Deepest pruning matched: on several seeds, ratio 0.5 (40 % fewer backbone FLOPs) by l1."
+    assert lines[-4] == "Deepest pruning matched: on several seeds, ratio 0.5 (40 % fewer backbone FLOPs) by l1."
+    # l1's +1 x 3 and taylor's -3 x 3 at 0.5: mean -1, std sqrt(6 * 4 / 5)
+    assert lines[-3] == ("Pooled over criteria (every pruned run against its seed's baseline): ΔAP +2.00 ± 1.00 at 0.3 "
+                         "(3 runs), ΔAP -1.00 ± 2.19 at 0.5 (6 runs).")
+    assert table[4] == "| *all criteria pooled* | +2.00 ± 1.00 (3) | -1.00 ± 2.19 (6) | |"
     assert lines[-2] == "Mean ΔAP over each criterion's ratios, best first: l1 +1.50, taylor -3.00."
     assert lines[-1] == ("2 of 3 paired comparisons reach p < 0.05: l1 at 0.5 (+1.00), taylor at 0.5 (-3.00) "
                          "(by chance alone about 0.2 would).")
@@ -141,7 +145,7 @@ def test_the_headline_keeps_single_seed_matches_apart():
     results += [_result("fpgm", 0.5, s, 10.0 + s, 60.0) for s in range(3)]
     results += [_result("l1", 0.7, 0, 9.5, 40.0)]  # within the baseline's std of 1, one seed
     lines = report.answer(report.summarize(results), 40)
-    assert lines[-3] == ("Deepest pruning matched: on several seeds, ratio 0.5 (40 % fewer backbone FLOPs) by fpgm; "
+    assert lines[-4] == ("Deepest pruning matched: on several seeds, ratio 0.5 (40 % fewer backbone FLOPs) by fpgm; "
                          "on one seed, ratio 0.7 (60 % fewer backbone FLOPs) by l1.")
 
 

@@ -66,6 +66,7 @@ def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], 
             continue
         base_ap = {r["seed"]: r["bbox_AP"] for r in base["runs"]}
         diffs = [r["bbox_AP"] - base_ap[r["seed"]] for r in row["runs"] if r["seed"] in base_ap]
+        row["diffs"] = diffs
         row["dAP"], row["dAP_std"] = _mean_std(diffs) if diffs else (float("nan"), float("nan"))
         row["pairs"] = len(diffs)
         row["p"] = paired_t_test(diffs)
@@ -131,6 +132,10 @@ def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -
                          f"by {', '.join(sorted(r['criterion'] for r in at))}")
     if parts:
         lines.append(f"Deepest pruning matched: {'; '.join(parts)}.")
+    pooled = _pooled(cells)
+    lines.append("Pooled over criteria (every pruned run against its seed's baseline): "
+                 + ", ".join(f"ΔAP {mean:+.2f} ± {_fmt(std, '.2f')} at {x:g} ({n} run{'s' if n > 1 else ''})"
+                             for x, (mean, std, n) in sorted(pooled.items())) + ".")
     means = {name: statistics.fmean(r["dAP"] for r in rows) for name, rows in by_criterion.items()}
     ranked = sorted(means, key=means.get, reverse=True)
     lines.append("Mean ΔAP over each criterion's ratios, best first: "
@@ -193,6 +198,15 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pooled(cells: Sequence[Mapping]) -> Dict[float, Tuple[float, float, int]]:
+    """Per ratio: mean and std of the paired AP differences of every run of every criterion,
+    and their number: what pruning at that ratio costs, whichever criterion picks."""
+    by_ratio = defaultdict(list)
+    for r in cells:
+        by_ratio[r["ratio"]] += r["diffs"]
+    return {x: (*_mean_std(d), len(d)) for x, d in by_ratio.items() if d}
+
+
 def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
     """ΔAP paired by seed (mean ± std, `*` where p < 0.05) with one line per criterion and one
     column per ratio, the columns headed by their share of the baseline's backbone FLOPs; lines
@@ -219,6 +233,10 @@ def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
         if reference:
             line += " – |" if name == "random" else f" {_versus_cell(row, reference)} |"
         lines.append(line)
+    pooled = _pooled(cells)
+    lines.append("| *all criteria pooled* | " + " | ".join(
+        f"{pooled[x][0]:+.2f} ± {_fmt(pooled[x][1], '.2f')} ({pooled[x][2]})" for x in ratios)
+        + " | |" + (" |" if reference else ""))
     return "\n".join(lines) + "\n"
 
 
