@@ -207,21 +207,29 @@ def _pooled(cells: Sequence[Mapping]) -> Dict[float, Tuple[float, float, int]]:
     return {x: (*_mean_std(d), len(d)) for x, d in by_ratio.items() if d}
 
 
-def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
-    """ΔAP paired by seed (mean ± std, `*` where p < 0.05) with one line per criterion and one
-    column per ratio, the columns headed by their share of the baseline's backbone FLOPs; lines
-    sorted by the mean over their cells, best first. When `random` was run, a last column gives
-    each criterion's AP difference to it on the same ratio and seed, pooled over ratios: a
-    criterion worth its cost should beat picking filters at random."""
+def _delta_grid(rows: Sequence[Mapping], train_size: int):
+    """The pruned cells paired with a baseline on `train_size` images, as the delta table and
+    plot lay them out: (cells, ratios, backbone FLOPs share per ratio, {criterion: {ratio:
+    cell}}, criteria sorted by their mean ΔAP, best first)."""
     cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
-    if not cells:
-        return ""
     ratios = sorted({r["ratio"] for r in cells})
     share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if r["ratio"] == x) for x in ratios}
     table = defaultdict(dict)
     for r in cells:
         table[r["criterion"]][r["ratio"]] = r
     order = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
+    return cells, ratios, share, table, order
+
+
+def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
+    """ΔAP paired by seed (mean ± std, `*` where p < 0.05) with one line per criterion and one
+    column per ratio, the columns headed by their share of the baseline's backbone FLOPs; lines
+    sorted by the mean over their cells, best first. When `random` was run, a last column gives
+    each criterion's AP difference to it on the same ratio and seed, pooled over ratios: a
+    criterion worth its cost should beat picking filters at random."""
+    cells, ratios, share, table, order = _delta_grid(rows, train_size)
+    if not cells:
+        return ""
     reference = table.get("random")
     head = ("| criterion | " + " | ".join(f"ratio {x:g} ({100 * share[x]:.0f} % FLOPs)" for x in ratios)
             + " | mean |" + (" vs random |" if reference else ""))
@@ -316,15 +324,10 @@ def plot_delta(rows: Sequence[Mapping], train_size: int, path: str) -> Optional[
     colour the mean over seeds on a scale centred on zero and as wide as the largest |ΔAP|,
     each cell annotated with mean ± std and a hatch where fewer than two seeds are paired.
     None when no pruned cell has a baseline yet."""
-    cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
+    cells, ratios, share, table, names = _delta_grid(rows, train_size)
     if not cells:
         return None
     plt = _plt()
-    ratios = sorted({r["ratio"] for r in cells})
-    table = defaultdict(dict)
-    for r in cells:
-        table[r["criterion"]][r["ratio"]] = r
-    names = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
     grid = [[table[n][x]["dAP"] if x in table[n] else float("nan") for x in ratios] for n in names]
     limit = max(abs(r["dAP"]) for r in cells) or 1.0
     fig, ax = plt.subplots(figsize=(max(5.5, 2.6 + 1.6 * len(ratios)), 1.4 + 0.38 * len(names)))
@@ -339,7 +342,6 @@ def plot_delta(rows: Sequence[Mapping], train_size: int, path: str) -> Optional[
                     color="white" if abs(r["dAP"]) > 0.6 * limit else "black")
             if r["pairs"] < 2:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="..", lw=0, color="0.6"))
-    share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if r["ratio"] == x) for x in ratios}
     ax.set_xticks(range(len(ratios)), [f"{x:g}\n({100 * share[x]:.0f} % FLOPs)" for x in ratios], fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.set_xlabel("share of block channels pruned (backbone FLOPs left)", fontsize=8)
