@@ -23,7 +23,8 @@ demo: data
 
 # The transfer study (resumes where it stopped): every registered criterion at 30/50/70 % of the
 # block channels, 3 seeds, beside the unpruned fine-tune, 40 target images, two runs at a time
-# with one thread each (about 90 s per run on 2 cores, so about 3.5 hours for the 129 runs);
+# with one thread each (100-105 s per run measured on 2 cores, so about 3.4 hours for the 120
+# runs besides chip's 9, whose time is estimated in docs/results_notes.md);
 # writes docs/results.md with the reading in docs/results_notes.md. `make study-full` adds 20
 # and 100 target images for l1 and taylor.
 STUDY_ARGS := --config-file $(STUDY_CONFIG) --output output/study --ratios 0.3 0.5 0.7 --seeds 0 1 2 \
@@ -35,7 +36,7 @@ study: data
 study-full: data
 	$(PY) tools/study.py $(STUDY_ARGS) --train-sizes 20 40 100 --size-criteria l1 taylor
 
-# The study's schedule checked on the unpruned fine-tune (about 30 minutes): 100 and 400
+# The study's schedule checked on the unpruned fine-tune (26 minutes measured on 2 cores): 100 and 400
 # iterations beside the study's 200, and the 200 again with one thread per run instead of two
 # (how far float summation order alone moves AP). Each writes output/study_schedule/*/results.md.
 SCHEDULE_ARGS := --config-file $(STUDY_CONFIG) --baselines-only --seeds 0 1 2 --train-sizes 40 --jobs 2

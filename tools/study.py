@@ -114,9 +114,9 @@ def write_outputs(args, rows, main_size, seconds, finished, planned, status=""):
                f"torch {torch.__version__}, CPU only" if not torch.cuda.is_available()
                else f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     run_minutes = sum(r.get("seconds", 0.0) for row in rows for r in row["runs"]) / 60
-    elapsed = (f"{run_minutes:.0f} min of fine-tuning and evaluation summed over {finished} of the {planned} "
-               f"planned runs (each timed alone; runs sharing the cores take longer each); this invocation "
-               f"{seconds / 60:.1f} min")
+    elapsed = (f"{run_minutes:.0f} min of fine-tuning and evaluation: the wall times of {finished} of the "
+               f"{planned} planned runs, summed (runs sharing the cores with --jobs > 1 overlap and each takes "
+               f"longer); this invocation {seconds / 60:.1f} min")
     notes = ""
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
