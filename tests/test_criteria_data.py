@@ -89,8 +89,10 @@ def test_a_zero_channel_ranks_strictly_lowest(useless, name, options):
 
 def test_channel_independence_is_the_drop_in_nuclear_norm():
     generator = torch.Generator().manual_seed(0)
-    for shape in [(6, 10), (10, 6)]:  # both Gram matrices: A A^T and A^T A
+    # Both Gram matrices (A A^T and A^T A), square, and rows scaled over five decades.
+    for shape, decades in [((6, 10), 0), ((10, 6), 0), ((48, 48), 0), ((40, 64), 5), ((64, 40), 5)]:
         A = torch.randn(shape, generator=generator, dtype=torch.float64)
+        A *= torch.logspace(-decades, 0, len(A), dtype=torch.float64)[:, None]
         A[2] = 0.0
         A[4] = A[1]
         nuclear = torch.linalg.matrix_norm(A, "nuc")
