@@ -21,6 +21,7 @@ from tabulate import tabulate
 
 from d2prune import criteria
 from d2prune.analysis.benchmark import (
+    fix_mmap_threshold,
     fixed_proposals,
     machine_description,
     pruning_event_memory,
@@ -140,6 +141,7 @@ def memory_section(args, cfg, model, batches):
 
 
 def main(args):
+    fixed_mmap = fix_mmap_threshold()  # before any allocation worth measuring
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,8 +212,13 @@ def main(args):
                 "surgery and a new optimizer. Peak resident set size (RSS) of the process above "
                 f"its RSS just before, measured as {method} (Linux: `/proc/self/status` after "
                 "`echo 5 > /proc/self/clear_refs` resets the high-water mark; freed C-allocator "
-                "memory is returned with malloc_trim first). tracemalloc is not used: it does not "
-                "see torch's tensor allocations.",
+                "memory is returned with malloc_trim first). "
+                + ("Every allocation of 64 KiB or more is its own mmap (glibc's mmap threshold "
+                   "fixed at the start), so freed tensors leave RSS and the sections measured "
+                   "before do not hide this one's peak. " if fixed_mmap else
+                   "The mmap threshold could not be fixed (not glibc): earlier sections' freed "
+                   "memory may be reused without raising RSS, and the peak may be low. ")
+                + "tracemalloc is not used: it does not see torch's tensor allocations.",
                 "", text, "",
             ]
     if args.output:
