@@ -159,6 +159,14 @@ def test_coverage_says_what_is_missing():
     assert report.coverage(planned, {job.name for job in jobs}, 40) == ""
 
 
+def test_thread_counts_flag_a_mix():
+    assert report.thread_counts([{"threads": 1}, {"threads": 1}]) == "every run with 1 torch thread"
+    assert report.thread_counts([{"threads": 2}]) == "every run with 2 torch threads"
+    mixed = report.thread_counts([{"threads": 1}, {"threads": 2}, {"threads": 1}, {}])
+    assert mixed.startswith("torch threads per run: 1: 2 runs, 2: 1 runs, not recorded: 1; runs with different")
+    assert report.thread_counts([{"threads": 1}, {}]) == "torch threads per run: 1: 1 runs, not recorded: 1"
+
+
 def test_config_overrides_after_a_list_option_are_kept_apart():
     spec = importlib.util.spec_from_file_location("study_tool", REPO / "tools" / "study.py")
     tool = importlib.util.module_from_spec(spec)
@@ -212,6 +220,10 @@ def test_a_tiny_study_end_to_end(trained, tmp_path):
         assert sorted(p.name for p in (out / "runs" / name).glob("*.pth")) == ["model_final.pth"]
     md = (out / "results.md").read_text()
     assert "| 3 | l1 | 0.5 | 1 |" in md and "ap_vs_flops.png" in md and "delta_ap.png" in md
+    # Two runs at a time share the cores: each gets its half, recorded with its result.
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    assert [r["threads"] for r in results] == [threads, threads]
+    assert f"- every run with {threads} torch thread" in md
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
     again = run_tool("study.py", *args)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout

@@ -121,7 +121,9 @@ def write_outputs(args, rows, main_size, seconds, finished, planned, status=""):
     if args.notes:
         with open(args.notes, encoding="utf-8") as f:
             notes = f.read()
-    report.write_report(md, rows, main_size, plots, command, machine, elapsed, notes=notes, status=status)
+    threads = report.thread_counts([r for row in rows for r in row["runs"]])
+    report.write_report(md, rows, main_size, plots, command, machine, elapsed, notes=notes, status=status,
+                        threads=threads)
     print(report.markdown_table(rows))
     for line in report.answer(rows, main_size):
         print(line)

@@ -5,7 +5,7 @@ comparisons with the unpruned baseline, latency per architecture, a markdown tab
 import json
 import math
 import statistics
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 __all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "versus", "plot_delta", "plot_ap_vs_flops", "plot_ap_vs_train_size",
@@ -169,6 +169,20 @@ def coverage(planned: Sequence[Mapping], finished: Collection[str], main_size: i
     return (f"Partial: {len(done)} of {len(planned)} planned runs finished ("
             + "; ".join(f"{kind}: {a}/{b}" for kind, (a, b) in counts.items()) + ")"
             + (f"; not yet run: {', '.join(missing)}" if missing else "") + ".")
+
+
+def thread_counts(results: Sequence[Mapping]) -> str:
+    """One sentence on the torch thread counts the runs used (`threads` in each result; older
+    results lack it). Runs with different counts add floats in different orders, which alone
+    moves a fine-tune's AP about as much as a change of seed, so ΔAP between them is noisier."""
+    counts = Counter(r.get("threads") for r in results)
+    known = sorted(n for n in counts if n is not None)
+    parts = [f"{n}: {counts[n]} runs" for n in known] + ([f"not recorded: {counts[None]}"] if None in counts else [])
+    if len(known) == 1 and None not in counts:
+        return f"every run with {known[0]} torch thread{'s' if known[0] > 1 else ''}"
+    return ("torch threads per run: " + ", ".join(parts) + (
+        "; runs with different thread counts sum floats in different orders, which alone moves AP "
+        "about as much as a change of seed" if len(known) > 1 else ""))
 
 
 def _fmt(value, spec=".1f", empty="–"):
@@ -414,11 +428,12 @@ def _delta_section(rows: Sequence[Mapping], main_size: int) -> List[str]:
 def write_report(
     path: str, rows: Sequence[Mapping], main_size: int, plots: Sequence[str], command: str,
     machine: str, elapsed: str, title: str = "Transfer study", notes: str = "", status: str = "",
+    threads: str = "",
 ) -> str:
     """The study as markdown at `path`: the answer in sentences, `notes` (a hand-written reading
     of the numbers, kept when the report is regenerated), ΔAP by criterion and ratio, the full
-    table, the plots (linked relative to `path`), the command that produced it, the machine and
-    the time taken."""
+    table, the plots (linked relative to `path`), the command that produced it, the machine, the
+    time taken and `threads` (`thread_counts`)."""
     import os
 
     from ..utils.io import atomic_write_text
@@ -442,6 +457,7 @@ def write_report(
         f"```\n{command}\n```\n",
         f"- machine: {machine}",
         f"- time: {elapsed}",
+        *([f"- {threads}"] if threads else []),
         "- latency: median of repeated CPU runs of the whole detector on one image at the test "
         "resolution, measured after the fine-tunes, one architecture at a time.",
         "",

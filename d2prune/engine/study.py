@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import torch
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
@@ -122,7 +123,7 @@ def prepare_target_subsets(root: str, sizes: Iterable[int], image_size: int = 19
 def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequence[str]], opts: Sequence[str] = ()) -> Dict:
     """Fine-tune one run in this process (resuming from its last checkpoint if there is one),
     then write `run_dir/result.json`: the job, bbox AP/AP50/AP75 on the test set, params, FLOPs,
-    the final channel spec and the training time."""
+    the final channel spec, the training time and the torch thread count."""
     cfg = setup_cfg(config_file, list(opts) + job.overrides(), datasets)
     cfg.OUTPUT_DIR = run_dir
     cfg.freeze()
@@ -148,6 +149,8 @@ def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequenc
         "backbone_flops": count_flops(model.backbone, tensor)["total"],
         "spec": channel_spec(model),
         "seconds": round(time.perf_counter() - start, 1),
+        # The order of float sums depends on it, and that alone moves AP as much as a seed.
+        "threads": torch.get_num_threads(),
     }
     atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
     remove_intermediate_checkpoints(run_dir)
