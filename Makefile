@@ -36,9 +36,11 @@ study: data
 study-full: data
 	$(PY) tools/study.py $(STUDY_ARGS) --train-sizes 20 40 100 --size-criteria l1 taylor
 
-# The study's schedule checked on the unpruned fine-tune (26 minutes measured on 2 cores): 100 and 400
-# iterations beside the study's 200, and the 200 again with one thread per run instead of two
-# (how far float summation order alone moves AP). Each writes output/study_schedule/*/results.md.
+# The study's schedule checked on the unpruned fine-tune (26 minutes measured on 2 cores for the
+# first three lines; the last line's runs took 270-990 s each on a shared machine): 100 and 400
+# iterations beside the study's 200, the 200 with one thread per run (the study's own baselines)
+# and with two, one run at a time (how far float summation order alone moves AP). Each writes
+# output/study_schedule/*/results.md.
 SCHEDULE_ARGS := --config-file $(STUDY_CONFIG) --baselines-only --seeds 0 1 2 --train-sizes 40 --jobs 2
 
 study-schedule: data
@@ -47,6 +49,7 @@ study-schedule: data
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter400 \
 		SOLVER.MAX_ITER 400 SOLVER.STEPS "(300, 370)"
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_1thread
+	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_2threads --jobs 1
 
 # Rebuild the shipped source model (about an hour on 2 cores): pre-training from scratch on the
 # synthetic source domain, then packed as models/faster_rcnn_R18_FPN_source.pth.
