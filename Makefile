@@ -23,8 +23,8 @@ demo: data
 
 # The transfer study (resumes where it stopped): every registered criterion at 30/50/70 % of the
 # block channels, 3 seeds, beside the unpruned fine-tune, 40 target images, two runs at a time
-# with one thread each (100-105 s per run measured on 2 cores, so about 3.4 hours for the 120
-# runs besides chip's 9, whose time is estimated in docs/results_notes.md);
+# with one thread each (100-120 s per run measured on 2 cores, chip's runs included, so about
+# 4 hours for the 129 runs);
 # writes docs/results.md with the reading in docs/results_notes.md. `make study-full` adds 20
 # and 100 target images for l1 and taylor.
 STUDY_ARGS := --config-file $(STUDY_CONFIG) --output output/study --ratios 0.3 0.5 0.7 --seeds 0 1 2 \
