@@ -163,8 +163,8 @@ def test_thread_counts_flag_a_mix():
     assert report.thread_counts([{"threads": 1}, {"threads": 1}]) == "every run with 1 torch thread"
     assert report.thread_counts([{"threads": 2}]) == "every run with 2 torch threads"
     mixed = report.thread_counts([{"threads": 1}, {"threads": 2}, {"threads": 1}, {}])
-    assert mixed.startswith("torch threads per run: 1: 2 runs, 2: 1 runs, not recorded: 1; runs with different")
-    assert report.thread_counts([{"threads": 1}, {}]) == "torch threads per run: 1: 1 runs, not recorded: 1"
+    assert mixed.startswith("torch threads per run: 1: 2 runs, 2: 1 run, not recorded: 1; runs with different")
+    assert report.thread_counts([{"threads": 1}, {}]) == "torch threads per run: 1: 1 run, not recorded: 1"
 
 
 def test_config_overrides_after_a_list_option_are_kept_apart():

@@ -216,8 +216,8 @@ def main(args):
                 + ("Every allocation of 64 KiB or more is its own mmap (glibc's mmap threshold "
                    "fixed at the start), so freed tensors leave RSS and the sections measured "
                    "before do not hide this one's peak. " if fixed_mmap else
-                   "The mmap threshold could not be fixed (not glibc): earlier sections' freed "
-                   "memory may be reused without raising RSS, and the peak may be low. ")
+                   "The mmap threshold could not be fixed (not glibc): the peak depends on what "
+                   "the sections measured before left in the heap, higher or lower. ")
                 + "tracemalloc is not used: it does not see torch's tensor allocations.",
                 "", text, "",
             ]

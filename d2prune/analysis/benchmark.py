@@ -396,10 +396,11 @@ def fix_mmap_threshold(size: int = 64 * 1024) -> bool:
     glibc raises its mmap threshold each time a large mmapped block is freed, after which large
     blocks come from the heap, whose pages depend on what earlier work freed: a peak measured by
     `peak_rss` then depends on the process's history, either way. In the test suite's process a
-    pruning event measured 78.5 MiB although it holds an 86.9 MiB copy of the model (freed pages
-    reused); in tools/benchmark.py, after its scoring section, the same kind of event measured
-    87 MiB (l1) and 221 MiB (taylor) against 74 and 141 MiB with a fixed threshold (heap slack
-    added), which two runs reproduced exactly. With a fixed threshold, tensors are mapped when
+    pruning event measured 78.5 MiB although it holds an 86.9 MiB copy of the model (lower:
+    freed pages reused, we think); in tools/benchmark.py, after its scoring section, the same
+    kind of event measured 87 MiB (l1) and 221 MiB (taylor) with the default allocator against
+    74 and 141 MiB with a fixed threshold (higher: heap slack), the fixed figures the same in
+    two runs. With a fixed threshold, tensors are mapped when
     allocated and unmapped when freed, so RSS follows what is in use. Call it once, first thing,
     in a process that measures memory.
     """

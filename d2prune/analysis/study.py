@@ -173,16 +173,17 @@ def coverage(planned: Sequence[Mapping], finished: Collection[str], main_size: i
 
 def thread_counts(results: Sequence[Mapping]) -> str:
     """One sentence on the torch thread counts the runs used (`threads` in each result; older
-    results lack it). Runs with different counts add floats in different orders, which alone
-    moves a fine-tune's AP about as much as a change of seed, so ΔAP between them is noisier."""
+    results lack it). Runs with different counts add floats in different orders, which by itself
+    moves a fine-tune's AP, so ΔAP between them carries that noise too."""
     counts = Counter(r.get("threads") for r in results)
     known = sorted(n for n in counts if n is not None)
-    parts = [f"{n}: {counts[n]} runs" for n in known] + ([f"not recorded: {counts[None]}"] if None in counts else [])
     if len(known) == 1 and None not in counts:
         return f"every run with {known[0]} torch thread{'s' if known[0] > 1 else ''}"
+    parts = [f"{n}: {counts[n]} run{'s' if counts[n] > 1 else ''}" for n in known]
+    parts += [f"not recorded: {counts[None]}"] if None in counts else []
     return ("torch threads per run: " + ", ".join(parts) + (
-        "; runs with different thread counts sum floats in different orders, which alone moves AP "
-        "about as much as a change of seed" if len(known) > 1 else ""))
+        "; runs with different thread counts sum floats in different orders, which by itself "
+        "moves AP: compare runs of one count" if len(known) > 1 else ""))
 
 
 def _fmt(value, spec=".1f", empty="–"):

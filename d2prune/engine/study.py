@@ -149,7 +149,7 @@ def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequenc
         "backbone_flops": count_flops(model.backbone, tensor)["total"],
         "spec": channel_spec(model),
         "seconds": round(time.perf_counter() - start, 1),
-        # The order of float sums depends on it, and that alone moves AP as much as a seed.
+        # The order of float sums depends on it, and that by itself moves AP.
         "threads": torch.get_num_threads(),
     }
     atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
