@@ -43,8 +43,8 @@ from detectron2.structures import Boxes, Instances
 from tabulate import tabulate
 from torch import nn
 
-from .analysis.complexity import count_params, dummy_inputs
 from .compat import tracing_adapter_class
+from .complexity import count_params, dummy_inputs
 from .data import validate_datasets
 from .engine.checkpoint import PrunedCheckpointer
 from .errors import UserError

@@ -14,7 +14,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, Instances, PolygonMasks
 
-from d2prune.analysis.complexity import dummy_inputs
+from d2prune.complexity import dummy_inputs
 
 CONFIGS = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 HEIGHT, WIDTH = 64, 96

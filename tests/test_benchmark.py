@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from d2prune.analysis.benchmark import (
+from projects.benchmark.benchmark import (
     block_keep,
     fixed_proposals,
     peak_rss,
@@ -95,7 +95,7 @@ def test_peak_rss_sees_a_tensor_allocated_inside():
 _EVENT_MEMORY = """
 import json
 from d2prune import criteria
-from d2prune.analysis.benchmark import fix_mmap_threshold, pruning_event_memory, random_batches
+from projects.benchmark.benchmark import fix_mmap_threshold, pruning_event_memory, random_batches
 assert fix_mmap_threshold()
 from d2prune.config import add_prune_config
 from tests import models

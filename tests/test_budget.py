@@ -6,7 +6,7 @@ Most cases use hand-made groups and scores; the FLOPs target uses a real model a
 import pytest
 import torch
 
-from d2prune.analysis.complexity import count_flops, count_params, dummy_tensor
+from d2prune.complexity import count_flops, count_params, dummy_tensor
 from d2prune.criteria import build
 from d2prune.errors import UserError
 from d2prune.pruning import ChannelGroup, find_groups, prune

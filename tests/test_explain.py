@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from d2prune.analysis import explain as X
+from d2prune import explain as X
 from d2prune.config import add_prune_config
 from d2prune.criteria import build
 from d2prune.criteria.collector import collect_statistics

@@ -9,7 +9,7 @@ import torch
 from detectron2.modeling import build_model
 from PIL import Image
 
-from d2prune.analysis.complexity import count_params
+from d2prune.complexity import count_params
 from d2prune.config import setup_cfg
 from d2prune.engine import PrunedCheckpointer
 from d2prune.export import build_adapter, compare, export_onnx, export_torchscript, output_names

@@ -3,7 +3,7 @@ sets and sizes, masks that zero exactly what surgery removes."""
 
 import pytest
 
-from d2prune.analysis.benchmark import compare_with_torch_pruning, masking_comparison
+from projects.benchmark.benchmark import compare_with_torch_pruning, masking_comparison
 
 from . import models
 

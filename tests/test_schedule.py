@@ -4,7 +4,7 @@ reach each target relative to the unpruned model however many events it takes.""
 import pytest
 import torch
 
-from d2prune.analysis.complexity import count_params
+from d2prune.complexity import count_params
 from d2prune.criteria import build
 from d2prune.pruning import ChannelGroup, channel_spec, find_groups, prune
 from d2prune.pruning.budget import select_channels, select_for_flops

@@ -9,11 +9,11 @@ import sys
 
 import pytest
 
-from d2prune.analysis import study as report
 from d2prune.config import separate_overrides, strip_separator
 from d2prune.data.synthetic import generate
-from d2prune.engine import study
 from d2prune.errors import UserError
+from projects.study import report
+from projects.study import runner as study
 
 from .conftest import REPO, run_tool, tiny_opts
 

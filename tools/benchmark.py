@@ -13,6 +13,7 @@ boxes. Trailing KEY VALUE pairs override --config-file (e.g. MODEL.DEVICE cuda).
 
 import argparse
 import datetime
+import os
 import sys
 
 import torch
@@ -20,7 +21,14 @@ from detectron2.modeling import build_model
 from tabulate import tabulate
 
 from d2prune import criteria
-from d2prune.analysis.benchmark import (
+from d2prune.config import setup_cfg
+from d2prune.errors import exit_on_user_error
+from d2prune.utils.io import atomic_write_text
+
+# The experiments and reports in projects/ sit on top of the library, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.benchmark.benchmark import (  # noqa: E402
     fix_mmap_threshold,
     fixed_proposals,
     machine_description,
@@ -30,9 +38,6 @@ from d2prune.analysis.benchmark import (
     speedup,
     surgery_seconds,
 )
-from d2prune.config import setup_cfg
-from d2prune.errors import exit_on_user_error
-from d2prune.utils.io import atomic_write_text
 
 SECTIONS = ("speedup", "surgery", "scoring", "memory")
 

@@ -10,22 +10,27 @@ Random weights, CPU. Needs torch-pruning (in d2prune's `test` extra).
 
 import argparse
 import datetime
+import os
 import sys
 
 import torch
 from detectron2.modeling import build_model
 from tabulate import tabulate
 
-from d2prune.analysis.benchmark import (
+from d2prune.config import setup_cfg
+from d2prune.errors import exit_on_user_error
+from d2prune.utils.io import atomic_write_text
+
+# The experiments and reports in projects/ sit on top of the library, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.benchmark.benchmark import (  # noqa: E402
     compare_with_torch_pruning,
     fixed_proposals,
     machine_description,
     masking_comparison,
     torch_pruning_limits,
 )
-from d2prune.config import setup_cfg
-from d2prune.errors import exit_on_user_error
-from d2prune.utils.io import atomic_write_text
 
 
 def argument_parser():
@@ -158,7 +163,7 @@ def main(args):
         limits, "",
         "What this means in practice: Torch-Pruning can cut Detectron2's block groups once the "
         "input requires grad and the norms inside detectron2's `Conv2d` are sliced by hand "
-        "(both in `d2prune.analysis.benchmark.torch_pruning_blocks`), and then selects and "
+        "(both in `projects.benchmark.benchmark.torch_pruning_blocks`), and then selects and "
         "removes exactly what d2prune does. Beyond blocks it needs the detector traced through "
         "its training losses (eval-mode outputs are `Instances`, and in eval mode the RPN does "
         "not reach the traced outputs), and it leaves the widths detectron2 caches stale "

@@ -13,13 +13,20 @@ Trailing KEY VALUE pairs override any config key (PRUNE.KINDS, PRUNE.MODE, ...).
 
 import argparse
 import logging
+import os
+import sys
 
 from detectron2.utils.logger import setup_logger
 
-from d2prune.analysis.explain import explain_checkpoint
 from d2prune.config import check_weights, setup_cfg
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.errors import exit_on_user_error
+from d2prune.explain import explain_checkpoint
+
+# The experiments and reports in projects/ sit on top of the library, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.explain.report import write_report  # noqa: E402
 
 
 def argument_parser():
@@ -50,8 +57,8 @@ def main(args):
     split = args.split or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     validate_datasets(cfg, [split] if split else [])
     check_weights(cfg)
-    explain_checkpoint(cfg, args.output, split, args.images, args.layer, args.filters)
-    print(f"Wrote {args.output}/report.html")
+    explanation = explain_checkpoint(cfg, split, args.images, args.layer, args.filters)
+    print(f"Wrote {write_report(explanation, args.output)}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ report.md. Flags override the config's PRUNE keys; trailing KEY VALUE pairs over
 
 import argparse
 import logging
+import os
 import re
+import sys
 
 from detectron2.utils.logger import setup_logger
 
@@ -19,6 +21,11 @@ from d2prune.config import check_weights, setup_cfg
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.engine.oneshot import prune_oneshot
 from d2prune.errors import exit_on_user_error
+
+# The experiments and reports in projects/ sit on top of the library, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.prune_report import write_prune_report  # noqa: E402
 
 # flag -> PRUNE key it overrides
 FLAGS = {
@@ -81,7 +88,7 @@ def main(args):
     validate_datasets(cfg, list(cfg.DATASETS.TEST[:1]) + list(cfg.DATASETS.TRAIN))
     check_weights(cfg)
     report = prune_oneshot(cfg, args.output, args.finetune_iters, args.latency_repeats)
-    print(open(f"{args.output}/report.md", encoding="utf-8").read())
+    print(write_prune_report(args.output, report))
     return report
 
 

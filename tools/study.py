@@ -27,12 +27,16 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from d2prune import criteria
-from d2prune.analysis import study as report
 from d2prune.config import check_weights, separate_overrides, setup_cfg, strip_separator
 from d2prune.data import register_datasets, validate_datasets
-from d2prune.engine import study
 from d2prune.errors import UserError, exit_on_user_error
 from d2prune.utils.io import atomic_write_text
+
+# The experiments and reports in projects/ sit on top of the library, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from projects.study import report  # noqa: E402
+from projects.study import runner as study  # noqa: E402
 
 WORKER = "--run-one"  # CONFIG OUTPUT DATASETS_JSON OPTS_JSON JOB_JSON
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..pruning.groups import ChannelGroup, unwrap
+from ..pruning.groups import ChannelGroup
+from ..utils.modules import unwrap
 
 __all__ = ["Criterion", "combine"]
 

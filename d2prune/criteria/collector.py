@@ -13,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from tqdm import tqdm
 
 from ..errors import UserError
-from ..pruning.groups import ChannelGroup, unwrap
+from ..pruning.groups import ChannelGroup
+from ..utils.modules import unwrap
 from .base import Criterion, combine
 
 __all__ = ["Accumulator", "StatisticsCriterion", "collect_statistics", "samples"]

@@ -18,7 +18,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
-from ..pruning.groups import ChannelGroup, unwrap
+from ..pruning.groups import ChannelGroup
+from ..utils.modules import unwrap
 from . import register
 from .collector import Accumulator, StatisticsCriterion, samples
 from .targets import box_masks

@@ -5,6 +5,7 @@ ordinary trainer, so a pruned model is trained exactly as it will later be reloa
 """
 
 import itertools
+import json
 import logging
 import os
 import time
@@ -15,11 +16,11 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 
 from .. import criteria
-from ..analysis.complexity import count_flops, count_params, measure_latency, width_table
-from ..analysis.report import write_prune_report
+from ..complexity import count_flops, count_params, measure_latency, width_table
 from ..config import check_budget, check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
+from ..utils.io import atomic_write_text
 from .checkpoint import PrunedCheckpointer
 from .selection import build_criterion, choose_keep, sample_inputs
 from .trainer import Trainer, build_coco_evaluator
@@ -82,7 +83,7 @@ def scoring_batches(cfg, criterion: criteria.Criterion) -> Optional[Iterator[Lis
 def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats: int = 10) -> Dict:
     """Prune the checkpoint `cfg.MODEL.WEIGHTS` once; write the pruned checkpoint and reports.
 
-    Returns the report (also written as `output_dir/report.json` and `report.md`).
+    Returns the report, also written as `output_dir/report.json` (atomically).
     """
     criterion = check_oneshot_config(cfg)
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):
@@ -126,7 +127,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
 
     if finetune_iters > 0:
         report["finetuned"] = finetune(cfg, pruned_path, output_dir, finetune_iters, report["after"])
-    write_prune_report(output_dir, report)
+    atomic_write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
     return report
 
 

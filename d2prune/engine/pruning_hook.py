@@ -19,11 +19,11 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
-from ..analysis.complexity import count_flops, count_params
+from ..complexity import count_flops, count_params
 from ..config import check_budget
 from ..pruning import channel_spec, find_groups, prune
-from ..pruning.groups import unwrap
 from ..pruning.schedule import PruningSchedule
+from ..utils.modules import unwrap
 from .selection import build_criterion, choose_keep, sample_inputs
 
 __all__ = ["PruningHook", "sliced_optimizer_state"]

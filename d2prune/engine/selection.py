@@ -11,13 +11,13 @@ from typing import Dict, Iterable, List, Mapping, Optional
 from torch import nn
 
 from .. import criteria
-from ..analysis.complexity import count_flops, dummy_inputs, dummy_tensor
+from ..complexity import count_flops, dummy_inputs, dummy_tensor
 from ..config import criterion_options
 from ..criteria.collector import collect_statistics
 from ..errors import UserError
 from ..pruning import find_groups
 from ..pruning.budget import select_channels, select_for_flops
-from ..pruning.groups import unwrap
+from ..utils.modules import unwrap
 
 __all__ = ["build_criterion", "choose_keep", "sample_inputs"]
 

@@ -17,8 +17,8 @@ from ..compat import coco_eval_use_fast_impl
 from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec
-from ..pruning.groups import unwrap
 from ..utils.io import atomic_write_text
+from ..utils.modules import unwrap
 from .checkpoint import PrunedCheckpointer
 from .pruning_hook import PruningHook
 

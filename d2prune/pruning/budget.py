@@ -14,11 +14,10 @@ from torch import nn
 
 from ..errors import UserError
 from .groups import ChannelGroup
+from .kinds import KINDS
 from .surgery import prune
 
 __all__ = ["KINDS", "check_options", "select_channels", "select_for_flops"]
-
-KINDS = ("stem", "block", "stage", "fpn", "head")
 
 _EPS = 1e-12
 

@@ -18,9 +18,9 @@ from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import Res5ROIHeads, StandardROIHeads
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from ..errors import UserError
+from ..utils.modules import unwrap
 
 __all__ = ["ChannelGroup", "find_groups", "unwrap"]
 
@@ -52,13 +52,6 @@ class ChannelGroup:
     consumers: List[str]
     norms: List[str] = field(default_factory=list)
     unit: int = 1
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The detector inside a (Distributed)DataParallel wrapper, or `model` itself."""
-    if isinstance(model, (DistributedDataParallel, DataParallel)):
-        return model.module
-    return model
 
 
 def find_groups(model: nn.Module) -> List[ChannelGroup]:

@@ -15,7 +15,8 @@ from detectron2.modeling.roi_heads import FastRCNNConvFCHead
 from torch import nn
 
 from ..errors import UserError
-from .groups import ChannelGroup, find_groups, unwrap
+from ..utils.modules import unwrap
+from .groups import ChannelGroup, find_groups
 
 __all__ = ["prune"]
 

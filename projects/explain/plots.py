@@ -1,4 +1,4 @@
-"""The figures of the pruning explanation (`explain.py`), each returned as PNG bytes.
+"""The figures of the pruning explanation (`d2prune.explain`), each returned as PNG bytes.
 
 Drawn with matplotlib's object interface, so no pyplot state or display backend is involved.
 """
@@ -11,15 +11,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from d2prune.explain import short_name
+
 KEPT, REMOVED, BEFORE = "#4c72b0", "#dd5144", "#c9d3e6"
-
-
-def short_name(name: str) -> str:
-    """A group or module name without the prefixes every backbone name shares."""
-    for prefix in ("backbone.bottom_up.", "backbone."):
-        if name.startswith(prefix):
-            return name[len(prefix):]
-    return name
 
 
 def _png(fig: Figure, tight: bool = False) -> bytes:

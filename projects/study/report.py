@@ -402,7 +402,7 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     import csv
     import io
 
-    from ..utils.io import atomic_write_text
+    from d2prune.utils.io import atomic_write_text
 
     runs = [run for row in rows for run in row["runs"]]
     keys = [k for k in runs[0] if k != "spec"] if runs else []
@@ -437,7 +437,7 @@ def write_report(
     time taken and `threads` (`thread_counts`)."""
     import os
 
-    from ..utils.io import atomic_write_text
+    from d2prune.utils.io import atomic_write_text
 
     folder = os.path.dirname(os.path.abspath(path))
     parts = [

@@ -1,4 +1,4 @@
-"""Size and speed of a detector: parameters, FLOPs (per part), CPU latency, group widths.
+"""Size and speed of a detector: parameters, FLOPs (per part), latency, group widths.
 
 What the reports compare before and after pruning; backbone-only variants are here too, since
 the backbone is where filter pruning shows most directly.
@@ -14,10 +14,9 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 from detectron2.structures import Boxes, Instances
 from fvcore.nn import FlopCountAnalysis
-from tabulate import tabulate
 from torch import nn
 
-from ..pruning.groups import ChannelGroup, unwrap
+from .utils.modules import unwrap
 
 __all__ = [
     "count_params",
@@ -26,7 +25,6 @@ __all__ = [
     "dummy_inputs",
     "dummy_tensor",
     "width_table",
-    "format_width_table",
 ]
 
 Inputs = Union[torch.Tensor, List[dict]]
@@ -177,11 +175,12 @@ def dummy_tensor(
 
 
 def width_table(
-    before: Mapping[str, int], after: Mapping[str, int], groups: Sequence[ChannelGroup]
+    before: Mapping[str, int], after: Mapping[str, int], groups: Sequence
 ) -> Dict[str, list]:
     """Widths before and after pruning, per group and summed per kind, as plain data.
 
-    `before`/`after` are channel specs (`channel_spec`); `groups` give each group's kind.
+    `before`/`after` are channel specs (`channel_spec`); `groups` (`find_groups`) give each
+    group's kind.
     """
     rows = [
         {"group": g.name, "kind": g.kind, "before": before[g.name], "after": after[g.name]}
@@ -193,13 +192,3 @@ def width_table(
         total["before"] += row["before"]
         total["after"] += row["after"]
     return {"groups": rows, "kinds": list(kinds.values())}
-
-
-def format_width_table(table: Mapping[str, list], by: str = "kinds") -> str:
-    """`width_table` as text: one row per kind (`by="kinds"`) or per group (`by="groups"`)."""
-    rows = [
-        [*row.values(), f"{row['after'] / row['before']:.0%}" if row["before"] else "-"]
-        for row in table[by]
-    ]
-    headers = [*(table[by][0].keys() if table[by] else ["before", "after"]), "kept"]
-    return tabulate(rows, headers=headers)

@@ -1,14 +1,12 @@
 """What pruning removes: widths per group, the criterion's scores and their cut, the image patches
 a layer's filters answer to, and the class information the removed filters carried.
 
-The analysis behind `tools/explain_net.py`; `explain_plots` draws its figures into an HTML report.
+The statistics behind `tools/explain_net.py`, as plain data (`Explanation`); drawing them into
+an HTML report is `projects/explain`'s job.
 """
 
-import base64
 import difflib
-import html
 import logging
-import os
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -24,26 +22,17 @@ from detectron2.modeling.backbone.resnet import BasicBlock
 from torch import nn
 from tqdm import tqdm
 
-from .. import criteria
-from ..config import check_prune_config
-from ..criteria.collector import collect_statistics
-from ..criteria.targets import image_positions, position_labels
-from ..engine.checkpoint import PrunedCheckpointer
-from ..engine.selection import build_criterion, choose_keep
-from ..errors import UserError
-from ..pruning import ChannelGroup, channel_spec, find_groups
-from ..pruning.groups import unwrap
-from ..utils.io import atomic_open, atomic_write_text
-from . import explain_plots as plots
-
-try:
-    from ..criteria.information import class_information
-except ImportError:  # the information criteria are optional: the report then says what is missing
-    class_information = None
-try:
-    from ..criteria.relevance import relevance_maps
-except ImportError:
-    relevance_maps = None
+from . import criteria
+from .config import check_prune_config
+from .criteria.collector import collect_statistics
+from .criteria.information import class_information
+from .criteria.relevance import relevance_maps
+from .criteria.targets import image_positions, position_labels
+from .engine.checkpoint import PrunedCheckpointer
+from .engine.selection import build_criterion, choose_keep
+from .errors import UserError
+from .pruning import ChannelGroup, channel_spec, find_groups
+from .utils.modules import unwrap
 
 __all__ = [
     "Explanation",
@@ -55,7 +44,7 @@ __all__ = [
     "pruning_profile",
     "receptive_field",
     "resolve_layer",
-    "write_report",
+    "short_name",
 ]
 
 logger = logging.getLogger(__name__)
@@ -151,6 +140,14 @@ def removed_mask(width: int, keep: Optional[Sequence[int]]) -> torch.Tensor:
         mask[:] = True
         mask[list(keep)] = False
     return mask
+
+
+def short_name(name: str) -> str:
+    """A group or module name without the prefixes every backbone name shares."""
+    for prefix in ("backbone.bottom_up.", "backbone."):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -308,19 +305,19 @@ def resolve_layer(groups: Sequence[ChannelGroup], layer: Optional[str]) -> Tuple
         return group, group.producers[0]
     for group in groups:
         names = [group.name, *group.producers]
-        if layer not in names + [plots.short_name(n) for n in names]:
+        if layer not in names + [short_name(n) for n in names]:
             continue
         if group.kind not in _SPATIAL_KINDS:
             raise UserError(
                 f"--layer '{layer}' is a {group.kind} group, whose channels are not one feature "
                 f"map per image; name a group of kinds {', '.join(_SPATIAL_KINDS)}."
             )
-        module = next((p for p in group.producers if layer in (p, plots.short_name(p))), None)
+        module = next((p for p in group.producers if layer in (p, short_name(p))), None)
         return group, module or group.producers[0]
-    short = [plots.short_name(g.name) for g in spatial]
-    producers = [plots.short_name(p) for g in spatial for p in g.producers]
+    short = [short_name(g.name) for g in spatial]
+    producers = [short_name(p) for g in spatial for p in g.producers]
     candidates = list(dict.fromkeys(short + producers))
-    close = difflib.get_close_matches(plots.short_name(layer), candidates, n=3)
+    close = difflib.get_close_matches(short_name(layer), candidates, n=3)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise UserError(
         f"--layer '{layer}' is neither a channel group of this model nor one of their convs; "
@@ -479,14 +476,8 @@ def explain_layer(
     count = min(filters, len(order) // 2) or 1
     chosen = order[:count] + order[-count:]
     maps, labels, stride = layer_activations(model, batches, module_name, chosen)
-    notes, heat, kind = [], maps, "activation"
-    if relevance_maps is None:
-        notes.append(
-            "Relevance heat maps need d2prune.criteria.relevance, which is not installed here: "
-            "the heat maps show the filters' activations instead."
-        )
-    else:
-        heat, kind = layer_relevance(model, batches, module_name, chosen), "relevance"
+    notes = []
+    heat, kind = layer_relevance(model, batches, module_name, chosen), "relevance"
     rf = receptive_field(model, module_name)
     side = max(rf if rf is not None else 4 * stride, 2 * stride)
     flat = [x for batch in batches for x in batch]
@@ -559,18 +550,11 @@ def explain(
     after = widths_after(before, keep)
     notes = []
 
-    information = None
-    if class_information is None or "mi" not in criteria.available():
-        notes.append(
-            "Class information needs the mi criterion (d2prune.criteria.information), which is "
-            "not installed here: the class-information section is left out."
-        )
-    else:
-        logger.info("Collecting mi statistics for class information")
-        stats = recorder.stats if cfg.PRUNE.CRITERION == "mi" else None
-        if stats is None:
-            stats = collect_statistics(model, eligible, criteria.build("mi"), batches)
-        information = group_information(stats, eligible)
+    logger.info("Collecting mi statistics for class information")
+    stats = recorder.stats if cfg.PRUNE.CRITERION == "mi" else None
+    if stats is None:
+        stats = collect_statistics(model, eligible, criteria.build("mi"), batches)
+    information = group_information(stats, eligible)
 
     logger.info("Collecting activation statistics (APoZ)")
     apoz = _apoz(model, eligible, batches)
@@ -611,14 +595,12 @@ def _budget(cfg) -> str:
 
 def explain_checkpoint(
     cfg,
-    output_dir: str,
     dataset: Optional[str] = None,
     num_images: int = 32,
     layer: Optional[str] = None,
     filters: int = 4,
 ) -> Explanation:
-    """Load `cfg.MODEL.WEIGHTS`, explain the PRUNE cut on `dataset` (default: DATASETS.TEST[0])
-    and write `output_dir/report.html` with its figures."""
+    """Load `cfg.MODEL.WEIGHTS` and explain the PRUNE cut on `dataset` (default: DATASETS.TEST[0])."""
     if dataset is None:
         if not cfg.DATASETS.TEST:
             raise UserError("DATASETS.TEST is empty: name the images to explain on with --split.")
@@ -635,227 +617,4 @@ def explain_checkpoint(
         cfg, model, batches, reference=reference, layer=layer, dataset=dataset,
         class_names=class_names, filters=filters,
     )  # fmt: skip
-    write_report(explanation, output_dir)
     return explanation
-
-
-# -- the report ------------------------------------------------------------------------------------
-
-
-def _pct(part: float, whole: float) -> str:
-    return f"{part / whole:.0%}" if whole else "-"
-
-
-def _short(name: str) -> str:
-    return plots.short_name(name)
-
-
-def summary(e: Explanation) -> List[str]:
-    """The findings in plain sentences, each with the numbers behind it."""
-    lines = []
-    if e.pruned_checkpoint:
-        rows = pruning_profile(e.groups, e.reference, e.before)
-        total, now = sum(e.reference.values()), sum(e.before.values())
-        losses = [s for s in stage_losses(rows) if s["removed"]]
-        lines.append(
-            f"This checkpoint is already pruned: it has {now} of the {total} channels the config "
-            f"builds ({_pct(total - now, total)} removed); most were removed from "
-            + ", ".join(f"{s['stage']} ({s['removed']} of {s['before']}, {_pct(s['removed'], s['before'])})" for s in losses[:3])
-            + ". The cut below is a further step from its current widths."
-        )
-    rows = pruning_profile([g for g in e.groups if g.name in e.eligible], e.before, e.after)
-    total = sum(r["before"] for r in rows)
-    removed = sum(r["before"] - r["after"] for r in rows)
-    lines.append(
-        f"{e.criterion} at {e.budget} removes {removed} of the {total} channels "
-        f"({_pct(removed, total)}) of the {len(rows)} groups of kinds {', '.join(e.kinds)}, "
-        f"scored on {e.num_images} images of {e.dataset or 'the given batches'}."
-    )
-    losses = [s for s in stage_losses(rows) if s["removed"]]
-    if losses:
-        lines.append(
-            "Channels removed per stage, most first: "
-            + ", ".join(f"{s['stage']} {s['removed']} of {s['before']} ({_pct(s['removed'], s['before'])})" for s in losses)
-            + "."
-        )
-    masks = {name: e.removed(name) for name in e.eligible}
-    silent_removed = sum(int((e.apoz[n][m] >= NEAR_SILENT).sum()) for n, m in masks.items())
-    silent_kept = sum(int((e.apoz[n][~m] >= NEAR_SILENT).sum()) for n, m in masks.items())
-    kept = total - removed
-    lines.append(
-        f"{silent_removed} of the {removed} removed filters ({_pct(silent_removed, removed)}) were "
-        f"near-silent on these images (non-positive, i.e. zero after the ReLU, at {NEAR_SILENT:.0%} "
-        f"of positions or more); among the {kept} kept filters, {silent_kept} ({_pct(silent_kept, kept)})."
-    )
-    present = [k for k, n in enumerate(e.class_counts) if n]
-    if e.information is not None and removed and present:
-        split = information_split(e.information, masks)
-        share = split["removed"] / split["total"].clamp(min=1e-12)
-        overall = float(split["removed"][present].sum() / split["total"][present].sum().clamp(min=1e-12))
-        order = sorted(present, key=lambda k: -float(share[k]))
-        lines.append(
-            f"The removed filters ({_pct(removed, total)} of the filters) carried {overall:.0%} of "
-            f"the class information summed over the {len(present)} classes present in these images; "
-            f"per class, from {float(share[order[-1]]):.0%} ({e.class_names[order[-1]]}) to "
-            f"{float(share[order[0]]):.0%} ({e.class_names[order[0]]})."
-        )
-        lines.append(
-            "Classes whose information dropped most: "
-            + ", ".join(f"{e.class_names[k]} ({float(share[k]):.0%})" for k in order[:3])
-            + ". Averaged over these classes, a removed filter carried "
-            + _ratio(split["removed_mean"][present].sum(), split["kept_mean"][present].sum())
-            + " the information of a kept one."
-        )
-    absent = [e.class_names[k] for k, n in enumerate(e.class_counts) if not n]
-    if absent:
-        lines.append(f"No object of {', '.join(absent)} is in these images: nothing is measured for them.")
-    layer = e.layer
-    for title, views in (("most", layer.most), ("least", layer.least)):
-        labels = [h.label for v in views for h in v.hits]
-        objects = [x for x in labels if x != "background"]
-        common = max(set(objects), key=objects.count) if objects else None
-        lines.append(
-            f"In {_short(layer.group)}, the {len(views)} {title} important filters peak on an object in "
-            f"{len(objects)} of their {len(labels)} top images"
-            + (f" (most often {common}, {objects.count(common)} times)." if common else ".")
-        )
-    return lines
-
-
-def _ratio(a, b) -> str:
-    return f"{float(a) / float(b):.2f} times" if float(b) else "-"
-
-
-def _image_tag(png: bytes, alt: str) -> str:
-    data = base64.b64encode(png).decode("ascii")
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows
-    )
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-_STYLE = """
-body { font-family: sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-img { max-width: 100%; }
-table { border-collapse: collapse; margin: 1em 0; }
-td, th { border: 1px solid #ccc; padding: 2px 8px; text-align: right; }
-td:first-child, th:first-child { text-align: left; }
-.note { color: #8a5a00; }
-"""
-
-
-def render_figures(e: Explanation) -> Dict[str, bytes]:
-    """File name -> PNG of every figure of the report."""
-    if e.pruned_checkpoint:
-        rows, labels = pruning_profile(e.groups, e.reference, e.before), ("config", "checkpoint")
-    else:
-        rows, labels = pruning_profile(e.groups, e.before, e.after), ("before", "after the cut")
-    figures = {"profile.png": plots.profile_chart(rows, labels)}
-    figures["scores.png"] = plots.score_grid(
-        [(name, e.scores[name].numpy(), e.removed(name).numpy()) for name in e.eligible], e.criterion
-    )
-    for title, views in (("most", e.layer.most), ("least", e.layer.least)):
-        figures[f"filters_{title}.png"] = plots.filter_gallery(
-            f"{title} important filters of {_short(e.layer.group)} by {e.criterion}",
-            views, e.images, e.layer, e.class_names,
-        )
-    if e.information is not None:
-        split = information_split(e.information, {n: e.removed(n) for n in e.eligible})
-        figures["class_information.png"] = plots.information_chart(e.class_names, split)
-    return figures
-
-
-def report_html(e: Explanation, figures: Mapping[str, bytes]) -> str:
-    """The report as one self-contained HTML page (figures embedded as base64 PNGs)."""
-    esc = html.escape
-    layer = e.layer
-    parts = [
-        "<!DOCTYPE html>",
-        '<html><head><meta charset="utf-8"><title>d2prune: what pruning removes</title>',
-        f"<style>{_STYLE}</style></head><body>",
-        "<h1>What pruning removes</h1>",
-        "<p>"
-        f"weights <code>{esc(e.weights or '(random initialisation)')}</code>; criterion "
-        f"<code>{esc(e.criterion)}</code> at {esc(e.budget)}, kinds {esc(', '.join(e.kinds))}; "
-        f"{e.num_images} images of <code>{esc(e.dataset)}</code>."
-        "</p>",
-    ]
-    parts += [f'<p class="note">{esc(n)}</p>' for n in e.notes]
-    parts += ['<h2 id="summary">Summary</h2>', "<ul>"]
-    parts += [f"<li>{esc(line)}</li>" for line in summary(e)]
-    parts += ["</ul>", '<h2 id="profile">Pruning profile</h2>']
-    if e.pruned_checkpoint:
-        parts.append("<p>Widths of every channel group: as the config builds them and in this pruned checkpoint.</p>")
-        rows = pruning_profile(e.groups, e.reference, e.before)
-    else:
-        parts.append(f"<p>Widths of every channel group before and after the cut that {esc(e.criterion)} makes.</p>")
-        rows = pruning_profile(e.groups, e.before, e.after)
-    parts.append(_image_tag(figures["profile.png"], "pruning profile"))
-    parts.append("<p>Per stage, over all its groups (its residual stream and the heads included):</p>")
-    parts.append(
-        _table(
-            ["stage", "channels before", "removed", "removed share"],
-            [[s["stage"], s["before"], s["removed"], _pct(s["removed"], s["before"])] for s in stage_losses(rows)],
-        )
-    )
-    parts += [
-        '<h2 id="scores">Score distributions</h2>',
-        f"<p>{esc(e.criterion)} scores of the channels of every group of kinds "
-        f"{esc(', '.join(e.kinds))}; red channels are removed, the dashed line is the cut.</p>",
-        _image_tag(figures["scores.png"], "score distributions"),
-        f'<h2 id="filters">Filters of {esc(_short(layer.group))}</h2>',
-        "<p>"
-        f"Feature map of <code>{esc(layer.module)}</code> (stride {layer.stride:g} px"
-        + (f", theoretical receptive field {layer.receptive_field} px" if layer.receptive_field else "")
-        + "). Each row is a filter: the images where it fires most, cropped around the peak "
-        "(yellow: the peak's cell, green: ground-truth boxes), then its "
-        + ("LRP relevance (red positive, blue negative)" if layer.heatmap == "relevance" else "activation")
-        + " over the same images (dashed: the crop).</p>",
-    ]
-    for title in ("most", "least"):
-        parts.append(_image_tag(figures[f"filters_{title}.png"], f"{title} important filters"))
-    parts.append('<h2 id="information">Class information</h2>')
-    if e.information is None:
-        parts.append('<p class="note">Not available: the mi criterion is not installed.</p>')
-    else:
-        split = information_split(e.information, {n: e.removed(n) for n in e.eligible})
-        parts += [
-            "<p>Per class, the mutual information (nats) between each channel's binned activation "
-            "and &ldquo;object of this class vs the rest&rdquo; at each position (from the "
-            "<code>mi</code> statistics), summed over the kept and over the removed channels of "
-            "the pruned kinds; a sum of per-channel values, which counts redundant channels twice.</p>",
-            _image_tag(figures["class_information.png"], "class information"),
-            _table(
-                ["class", "objects", "total", "kept", "removed", "removed share", "mean per kept filter",
-                 "mean per removed filter"],
-                [
-                    [
-                        name, e.class_counts[k], f"{float(split['total'][k]):.3f}", f"{float(split['kept'][k]):.3f}",
-                        f"{float(split['removed'][k]):.3f}", _pct(float(split["removed"][k]), float(split["total"][k])),
-                        f"{float(split['kept_mean'][k]):.4f}", f"{float(split['removed_mean'][k]):.4f}",
-                    ]
-                    for k, name in enumerate(e.class_names)
-                ],
-            ),
-        ]  # fmt: skip
-    parts.append("</body></html>")
-    return "\n".join(parts)
-
-
-def write_report(e: Explanation, output_dir: str) -> str:
-    """Write the figures as PNGs and `report.html` into `output_dir`, each atomically; return
-    the report's path."""
-    os.makedirs(output_dir, exist_ok=True)
-    figures = render_figures(e)
-    for name, png in figures.items():
-        with atomic_open(os.path.join(output_dir, name), "wb") as f:
-            f.write(png)
-    path = os.path.join(output_dir, "report.html")
-    atomic_write_text(path, report_html(e, figures))
-    return path
-

@@ -27,15 +27,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune as torch_prune
 
-from .. import criteria
-from ..criteria.collector import collect_statistics
-from ..engine.pruning_hook import sliced_optimizer_state
-from ..engine.selection import choose_keep
-from ..errors import UserError
-from ..pruning import find_groups, prune
-from ..pruning.budget import select_channels, select_for_flops
-from ..pruning.groups import unwrap
-from .complexity import count_flops, count_params, dummy_inputs, dummy_tensor
+from d2prune import criteria
+from d2prune.complexity import count_flops, count_params, dummy_inputs, dummy_tensor
+from d2prune.criteria.collector import collect_statistics
+from d2prune.engine.pruning_hook import sliced_optimizer_state
+from d2prune.engine.selection import choose_keep
+from d2prune.errors import UserError
+from d2prune.pruning import find_groups, prune
+from d2prune.pruning.budget import select_channels, select_for_flops
+from d2prune.utils.modules import unwrap
 
 __all__ = [
     "fixed_proposals",

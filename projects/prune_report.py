@@ -1,4 +1,5 @@
-"""Readable summaries of finished runs, from the `run_summary.json` a training run writes."""
+"""Readable summaries of runs: the one-shot pruning report (`tools/prune_net.py`) as markdown, and
+a table of the `run_summary.json` files that training runs write (`tools/summarize.py`)."""
 
 import json
 import os
@@ -6,8 +7,8 @@ from typing import Dict, List
 
 from tabulate import tabulate
 
-from ..errors import UserError
-from ..utils.io import atomic_write_text
+from d2prune.errors import UserError
+from d2prune.utils.io import atomic_write_text
 
 
 def load_run_summary(output_dir: str) -> Dict:
@@ -116,7 +117,9 @@ def prune_report_markdown(report: Dict) -> str:
     return "\n".join(lines)
 
 
-def write_prune_report(output_dir: str, report: Dict) -> None:
-    """Write `report.json` and `report.md` into `output_dir`, each atomically."""
-    atomic_write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2))
-    atomic_write_text(os.path.join(output_dir, "report.md"), prune_report_markdown(report))
+def write_prune_report(output_dir: str, report: Dict) -> str:
+    """Write the one-shot report (`prune_oneshot`'s result) as `output_dir/report.md`, atomically;
+    return the markdown."""
+    text = prune_report_markdown(report)
+    atomic_write_text(os.path.join(output_dir, "report.md"), text)
+    return text

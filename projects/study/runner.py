@@ -18,18 +18,18 @@ import torch
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
-from .. import criteria
-from ..analysis.complexity import count_flops, count_params
-from ..config import setup_cfg
-from ..data import register_datasets, validate_datasets
-from ..data.synthetic import generate, split_paths
-from ..errors import UserError
-from ..pruning import channel_spec
-from ..pruning.groups import unwrap
-from ..utils.io import atomic_write_text
-from .oneshot import bbox_metrics
-from .selection import sample_inputs
-from .trainer import PruningTrainer, Trainer
+from d2prune import criteria
+from d2prune.complexity import count_flops, count_params
+from d2prune.config import setup_cfg
+from d2prune.data import register_datasets, validate_datasets
+from d2prune.data.synthetic import generate, split_paths
+from d2prune.engine.oneshot import bbox_metrics
+from d2prune.engine.selection import sample_inputs
+from d2prune.engine.trainer import PruningTrainer, Trainer
+from d2prune.errors import UserError
+from d2prune.pruning import channel_spec
+from d2prune.utils.io import atomic_write_text
+from d2prune.utils.modules import unwrap
 
 __all__ = ["Job", "plan", "prepare_target_subsets", "run_job", "run_study", "load_results"]
 
@@ -263,9 +263,9 @@ def measure_latencies(
     """Median CPU latency (ms) of the whole detector at the test resolution, once per distinct
     architecture among `results`, with the final weights of the first run that has it; cached in
     `output/latency.json`. Run after the fine-tunes, so no other run competes for the cores."""
-    from ..analysis.complexity import measure_latency
-    from ..analysis.study import spec_key
-    from .checkpoint import PrunedCheckpointer
+    from d2prune.complexity import measure_latency
+    from d2prune.engine.checkpoint import PrunedCheckpointer
+    from projects.study.report import spec_key
 
     path = os.path.join(output, "latency.json")
     cache = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}

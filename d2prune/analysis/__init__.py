@@ -1,1 +1,0 @@
-"""Measurements and reports: what a run achieved (mAP, time), and later size and speed."""
