@@ -181,3 +181,112 @@ def tracing_adapter_class() -> type:
     finally:
         del sys.modules["detectron2.export"]
     return flatten.TracingAdapter
+
+
+# -- detectron2 internals d2prune reaches into -----------------------------------------------------
+# Private attributes of detectron2 (and one of torch) that d2prune reads or replaces. Each has
+# one accessor here, checked against v0.6 and main, so a rename upstream is fixed in one place
+# and the compat tests cover it.
+
+
+def training_data_iter(trainer):
+    """The iterator over training batches of a `DefaultTrainer` (its SimpleTrainer's)."""
+    return trainer._trainer._data_loader_iter
+
+
+def trainer_hooks(trainer) -> list:
+    """The hooks registered on a detectron2 trainer, in order."""
+    return trainer._hooks
+
+
+def last_eval_results(trainer) -> Optional[dict]:
+    """The results of a `DefaultTrainer`'s last evaluation, or None before the first."""
+    return getattr(trainer, "_last_eval_results", None)
+
+
+def replace_optimizer_and_model(trainer, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """Make a `DefaultTrainer` train `model` (a new DDP wrapper, say) with `optimizer`, including
+    the hooks that cached the old ones in `before_train` (LRScheduler, PreciseBN)."""
+    from detectron2.engine import hooks
+
+    trainer._trainer.optimizer = optimizer
+    trainer._trainer.model = model
+    for hook in trainer._hooks:
+        if isinstance(hook, hooks.LRScheduler):
+            hook._optimizer = optimizer
+        elif isinstance(hook, hooks.PreciseBN):
+            hook._model = model
+
+
+def inner_trainer(trainer):
+    """A `DefaultTrainer`'s SimpleTrainer/AMPTrainer, whose state holds the optimizer."""
+    return trainer._trainer
+
+
+def periodic_writers(hook) -> list:
+    """The event writers of a `PeriodicWriter` hook."""
+    return hook._writers
+
+
+def res5_box_features(roi_heads, features: list, boxes: list) -> torch.Tensor:
+    """A `Res5ROIHeads`' pooled res5 features of `boxes` (its shared ROI transform)."""
+    return roi_heads._shared_roi_transform(features, boxes)
+
+
+def cycle_bn_active(norm: nn.Module) -> nn.Module:
+    """The BatchNorm of a `CycleBatchNormList` that its next call uses."""
+    return norm[norm._pos]
+
+
+def conv_forward(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """`conv` applied with other weights (its stride, padding, dilation and groups kept)."""
+    return conv._conv_forward(x, weight, bias)
+
+
+@contextlib.contextmanager
+def observe_proposal_sampling(roi_heads, observer: Callable[[list], None]):
+    """Within the context, `observer(proposals)` sees the proposals that
+    `roi_heads.label_and_sample_proposals` returns (with their `gt_classes`) in each training
+    forward. detectron2 offers no hook there, so the bound method is wrapped on the instance
+    and restored on exit."""
+    patched = vars(roi_heads).get("label_and_sample_proposals")
+    sample = roi_heads.label_and_sample_proposals
+
+    def label_and_sample_proposals(*args, **kwargs):
+        proposals = sample(*args, **kwargs)
+        observer(proposals)
+        return proposals
+
+    roi_heads.label_and_sample_proposals = label_and_sample_proposals
+    try:
+        yield
+    finally:
+        if patched is None:
+            del roi_heads.label_and_sample_proposals
+        else:
+            roi_heads.label_and_sample_proposals = patched
+
+
+def cycle_bn_affine(norm: nn.Module) -> bool:
+    """Whether a `CycleBatchNormList` has an affine weight and bias of its own after its BNs."""
+    return norm._affine
+
+
+def backbone_out_features(backbone: nn.Module) -> list:
+    """The names of the features a detectron2 `Backbone` returns, in order."""
+    return backbone._out_features
+
+
+def set_out_feature_channels(backbone: nn.Module, channels: dict) -> None:
+    """Update the feature widths (name -> channels) a `Backbone`'s `output_shape()` reports."""
+    backbone._out_feature_channels.update(channels)
+
+
+def box_head_output_size(head: nn.Module):
+    """A `FastRCNNConvFCHead`'s output size: an int after fcs, (C, H, W) after convs only."""
+    return head._output_size
+
+
+def set_box_head_output_size(head: nn.Module, size) -> None:
+    """Set what a `FastRCNNConvFCHead`'s `output_shape` reports (see `box_head_output_size`)."""
+    head._output_size = size

@@ -85,10 +85,11 @@ class StatisticsCriterion(Criterion):
         return that score instead; producers run by this forward are the ones recorded."""
         return sum(detector(batch).values())
 
-    def propagation(self, detector: nn.Module) -> ContextManager:
-        """A context active while statistics are collected, entered before the collector's own
-        hooks are placed, so that forward hooks it registers (LRP's modified backward rules)
-        run first and the collector records their outputs. By default: nothing."""
+    def instrument(self, detector: nn.Module) -> ContextManager:
+        """A context active while statistics are collected, in which the criterion instruments
+        the detector: hooks of its own (LRP's modified backward rules), entered before the
+        collector's so that they run first and the collector records their outputs, or
+        observers (mi records the classes of the sampled proposals). By default: nothing."""
         return contextlib.nullcontext()
 
     def score_group(
@@ -163,7 +164,7 @@ def collect_statistics(
     seen = 0
     handles = []
     try:
-        with criterion.propagation(detector):
+        with criterion.instrument(detector):
             handles = [modules[name].register_forward_hook(hook(acc)) for name, acc in stats.items()]
             detector.train()
             for m in detector.modules():

@@ -10,6 +10,7 @@ import torch
 from detectron2.utils import comm
 from torch import nn
 
+from .. import compat
 from ..errors import UserError
 from ..pruning.groups import ChannelGroup
 from . import register
@@ -348,32 +349,19 @@ class MutualInformation(StatisticsCriterion):
             roi=id(module) in self.regions, redundancy=self.mi_redundancy,
         )
 
-    @contextlib.contextmanager
-    def propagation(self, detector: nn.Module):
+    def instrument(self, detector: nn.Module):
         """Record the classes `roi_heads.label_and_sample_proposals` assigns to the sampled
         proposals of each batch, which label the rows of the box and mask heads."""
         heads = getattr(detector, "roi_heads", None)
         if heads is None:
-            yield
-            return
-        patched = vars(heads).get("label_and_sample_proposals")
-        sample = heads.label_and_sample_proposals
+            return contextlib.nullcontext()
         targets = self.targets
 
-        def label_and_sample_proposals(*args, **kwargs):
-            proposals = sample(*args, **kwargs)
+        def observe(proposals):
             classes = torch.cat([p.gt_classes for p in proposals])
             # detectron2 marks background proposals with num_classes.
             targets.proposals = torch.where(
                 (classes >= 0) & (classes < targets.num_classes), classes + 1, 0
             )
-            return proposals
 
-        heads.label_and_sample_proposals = label_and_sample_proposals
-        try:
-            yield
-        finally:
-            if patched is None:
-                del heads.label_and_sample_proposals
-            else:
-                heads.label_and_sample_proposals = patched
+        return compat.observe_proposal_sampling(heads, observe)

@@ -17,6 +17,7 @@ from detectron2.structures import Boxes, Instances, pairwise_iou
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .. import compat
 from ..errors import UserError
 from ..pruning.groups import ChannelGroup
 from ..utils.modules import unwrap
@@ -77,7 +78,7 @@ def class_scores(detector: nn.Module, batch: List[dict]) -> torch.Tensor:
     if isinstance(roi, StandardROIHeads):
         x = roi.box_head(roi.box_pooler([features[f] for f in roi.box_in_features], boxes))
     else:  # Res5ROIHeads: the box predictor reads the res5 output mean-pooled to 1x1
-        x = roi._shared_roi_transform([features[f] for f in roi.in_features], boxes).mean(dim=(2, 3))
+        x = compat.res5_box_features(roi, [features[f] for f in roi.in_features], boxes).mean(dim=(2, 3))
     logits = roi.box_predictor.cls_score(torch.flatten(x, 1))
     classes = torch.cat([x.gt_classes for x in gt]).long()
     return total + logits.gather(1, classes[:, None]).sum()
@@ -244,8 +245,8 @@ def _zplus(conv: nn.Conv2d, x: torch.Tensor, scale, shift):
     positive = x.clamp(min=0) if signed else x
 
     def contributions(w_pos, w_neg):
-        z = conv._conv_forward(positive, w_pos, None)
-        return z + conv._conv_forward(x.clamp(max=0), w_neg, None) if signed else z
+        z = compat.conv_forward(conv, positive, w_pos, None)
+        return z + compat.conv_forward(conv, x.clamp(max=0), w_neg, None) if signed else z
 
     z = contributions(w.clamp(min=0), w.clamp(max=0))
     bias = conv.bias[None, :, None, None] if conv.bias is not None else None
@@ -264,8 +265,8 @@ def _norm_affine(norm: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.
     """(s, t) with norm(x) = s x + t, shaped (1 or N, C, 1, 1); statistics are constants."""
     channels = x.shape[1]
     if isinstance(norm, CycleBatchNormList):
-        scale, shift = _norm_affine(norm[norm._pos], x)  # the BN this call will use
-        if norm._affine:
+        scale, shift = _norm_affine(compat.cycle_bn_active(norm), x)  # the BN this call will use
+        if compat.cycle_bn_affine(norm):
             w, b = norm.weight[None, :, None, None], norm.bias[None, :, None, None]
             scale, shift = scale * w, shift * w + b
         return scale.detach(), shift.detach()
@@ -475,7 +476,7 @@ class LRP(_Explaining):
     boxes, part of the explained score; channels that the score never reaches score 1.
     """
 
-    def propagation(self, detector: nn.Module) -> ContextManager:
+    def instrument(self, detector: nn.Module) -> ContextManager:
         return lrp_rules(detector, _logit_layers(detector))
 
     def accumulator(self, module: nn.Module, group: ChannelGroup) -> Accumulator:

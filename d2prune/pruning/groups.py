@@ -1,36 +1,27 @@
-"""Discovery of coupled channel groups in Detectron2 ResNet/FPN detectors.
+"""Discovery of coupled channel groups: a union-find over channel spaces, filled in by rules.
 
-A group is a set of channels that must be kept or removed together; every coupling rule of
-detectron2's modules lives here, so surgery, specs and criteria only ever see groups.
+The coupling rules of detectron2's modules live in `rules/`, one per module type; this file walks
+them over a model, refuses layers no rule accounts for, and assembles the groups.
 """
 
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
-from detectron2.layers import FrozenBatchNorm2d
-from detectron2.layers.batch_norm import CycleBatchNormList
-from detectron2.modeling.backbone import FPN, ResNet
-from detectron2.modeling.backbone.fpn import LastLevelMaxPool, LastLevelP6P7
-from detectron2.modeling.backbone.resnet import BasicBlock, BasicStem, BottleneckBlock
-from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
-from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
-from detectron2.modeling.roi_heads import Res5ROIHeads, StandardROIHeads
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import UserError
 from ..utils.modules import unwrap
+from .kinds import Kind
+from .rules import rule_for
+from .rules.layers import is_layer, is_norm
 
-__all__ = ["ChannelGroup", "find_groups", "unwrap"]
+__all__ = ["ChannelGroup", "GroupBuilder", "find_groups", "unwrap"]
 
 # When an identity shortcut or a grouped conv joins two channel spaces, the merged group takes
 # the name and kind of the member with the highest rank (ties: the one discovered first), so a
 # residual stream that the stem feeds directly is still reported as that stage's stream.
-_KIND_RANK = {"stem": 0, "block": 1, "head": 1, "stage": 2, "fpn": 3}
-
-_NORM_TYPES = (FrozenBatchNorm2d, _BatchNorm, nn.GroupNorm, CycleBatchNormList)
-_CHANNEL_LAYERS = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+_KIND_RANK = {Kind.STEM: 0, Kind.BLOCK: 1, Kind.HEAD: 1, Kind.STAGE: 2, Kind.FPN: 3}
 
 
 @dataclass
@@ -42,7 +33,7 @@ class ChannelGroup:
     flattened C x H x W map reads each channel `in_features // size` times); `norms` are norm
     layers that are separate modules (RetinaNet's subnets). `unit` is the number of consecutive
     channels that must be kept or removed as a whole: channels per GroupNorm group or per
-    conv group (ResNeXt), 1 otherwise.
+    conv group (ResNeXt), 1 otherwise. `kind` is a `Kind` value, as a plain string.
     """
 
     name: str
@@ -58,9 +49,10 @@ def find_groups(model: nn.Module) -> List[ChannelGroup]:
     """Every channel group of a Detectron2 ResNet/FPN detector, in forward order.
 
     Supports GeneralizedRCNN (Faster/Mask R-CNN, FPN or C4) and RetinaNet on ResNet/ResNeXt
-    backbones; any other layer that carries channels is reported as unsupported.
+    backbones, and modules with a registered rule; any other layer that carries channels is
+    reported as unsupported.
     """
-    return _GroupBuilder(unwrap(model)).build()
+    return GroupBuilder(unwrap(model)).build()
 
 
 def _out_channels(module: nn.Module) -> int:
@@ -71,8 +63,12 @@ def _gn_unit(norm: Optional[nn.Module]) -> int:
     return norm.num_channels // norm.num_groups if isinstance(norm, nn.GroupNorm) else 1
 
 
-class _GroupBuilder:
-    """Union-find over channel spaces: each rule adds a space or ties two spaces together."""
+class GroupBuilder:
+    """Union-find over channel spaces: each rule adds a space or ties two spaces together.
+
+    What rules use: `names` (module -> name in the model), `model`, and the methods in the first
+    two sections below.
+    """
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -83,7 +79,8 @@ class _GroupBuilder:
 
     # -- the union-find ---------------------------------------------------------------------
 
-    def space(self, name: str, kind: str) -> int:
+    def space(self, name: str, kind: Kind) -> int:
+        """A new channel space; if it ends up a group of its own, it has this name and kind."""
         self.parent.append(len(self.parent))
         self.labels.append((name, kind))
         return len(self.parent) - 1
@@ -95,115 +92,40 @@ class _GroupBuilder:
         return s
 
     def merge(self, a: int, b: int) -> None:
+        """Spaces `a` and `b` are the same channels (added together, or read by shared weights)."""
         ra, rb = self.find(a), self.find(b)
         self.parent[max(ra, rb)] = min(ra, rb)
 
     def produce(self, s: int, module: nn.Module) -> None:
-        if not isinstance(module, _CHANNEL_LAYERS):
-            self._unsupported(module)
+        """`module` (a conv or linear layer, with its own `.norm` if any) writes space `s`."""
+        if not is_layer(module):
+            self.unsupported(module)
         norm = getattr(module, "norm", None)
-        if norm is not None and not isinstance(norm, _NORM_TYPES):
-            self._unsupported(norm)
+        if norm is not None and not is_norm(norm):
+            self.unsupported(norm)
         self.members.append((s, "producers", module))
 
     def consume(self, s: int, module: nn.Module) -> None:
-        if not isinstance(module, _CHANNEL_LAYERS):
-            self._unsupported(module)
+        """`module` (a conv or linear layer) reads space `s` as its input channels."""
+        if not is_layer(module):
+            self.unsupported(module)
         self.members.append((s, "consumers", module))
 
-    def _unsupported(self, module: nn.Module) -> None:
+    def unsupported(self, module: nn.Module) -> None:
         raise UserError(
             f"d2prune cannot trace channels through '{self.names.get(module, '?')}' "
             f"({type(module).__name__}); supported are ResNet/ResNeXt(-FPN) backbones with "
             "RPN, standard or Res5 ROI box/mask heads, and RetinaNet heads."
         )
 
-    # -- the model ----------------------------------------------------------------------------
+    # -- helpers for rules --------------------------------------------------------------------
 
-    def build(self) -> List[ChannelGroup]:
-        backbone = getattr(self.model, "backbone", None)
-        if backbone is None:
-            self._unsupported(self.model)
-        features = self.backbone(backbone)
-        for module in self.model.modules():
-            if isinstance(module, RPN):
-                self.rpn(module, features)
-            elif isinstance(module, StandardROIHeads):
-                self.standard_roi_heads(module, features)
-            elif isinstance(module, Res5ROIHeads):
-                self.res5_roi_heads(module, features)
-            elif isinstance(module, RetinaNetHead):
-                self.retinanet_head(module, self.shared(features, self.model.head_in_features))
-        self.tie_grouped_convs()
-        self.check_coverage()
-        return self.groups()
-
-    def backbone(self, backbone: nn.Module) -> Dict[str, int]:
-        if isinstance(backbone, FPN):
-            return self.fpn(backbone)
-        if isinstance(backbone, ResNet):
-            return self.resnet(backbone)
-        self._unsupported(backbone)
-
-    def resnet(self, resnet: ResNet) -> Dict[str, int]:
-        if not isinstance(resnet.stem, BasicStem):
-            self._unsupported(resnet.stem)
-        x = self.space(self.names[resnet.stem], "stem")
-        self.produce(x, resnet.stem.conv1)
-        features = {"stem": x}
-        for name, stage in zip(resnet.stage_names, resnet.stages):
-            x = features[name] = self.stage(stage, x)
-        return features
-
-    def stage(self, blocks: nn.Sequential, x: int) -> int:
-        """The residual stream of a stage of blocks reading channel space `x`."""
-        stream = self.space(self.names[blocks], "stage")
-        for i, block in enumerate(blocks):
-            if isinstance(block, BottleneckBlock):
-                convs = [block.conv1, block.conv2, block.conv3]
-            elif isinstance(block, BasicBlock):
-                convs = [block.conv1, block.conv2]
-            else:
-                self._unsupported(block)
-            block_in = x if i == 0 else stream
-            self.consume(block_in, convs[0])
-            for conv, reader in zip(convs, convs[1:]):
-                inner = self.space(self.names[conv], "block")
-                self.produce(inner, conv)
-                self.consume(inner, reader)
-            self.produce(stream, convs[-1])
-            if block.shortcut is not None:
-                self.consume(block_in, block.shortcut)
-                self.produce(stream, block.shortcut)
-            else:
-                # The identity shortcut adds the block's input to its output channel by channel.
-                self.merge(block_in, stream)
-        return stream
-
-    def fpn(self, fpn: FPN) -> Dict[str, int]:
-        if not isinstance(fpn.bottom_up, ResNet):
-            self._unsupported(fpn.bottom_up)
-        inputs = self.resnet(fpn.bottom_up)
-        prefix = self.names[fpn]
-        # Lateral and output convs, top-down sums and the extra levels share one width because
-        # the heads apply the same weights to every pyramid level.
-        width = self.space(f"{prefix}.fpn" if prefix else "fpn", "fpn")
-        laterals, outputs = fpn.lateral_convs[::-1], fpn.output_convs[::-1]
-        for feature, lateral, output in zip(fpn.in_features, laterals, outputs):
-            self.consume(inputs[feature], lateral)
-            self.produce(width, lateral)
-            self.consume(width, output)
-            self.produce(width, output)
-        top = fpn.top_block
-        if isinstance(top, LastLevelP6P7):
-            reads_bottom_up = top.in_feature in fpn.bottom_up._out_features
-            self.consume(inputs[top.in_feature] if reads_bottom_up else width, top.p6)
-            self.produce(width, top.p6)
-            self.consume(width, top.p7)
-            self.produce(width, top.p7)
-        elif top is not None and not isinstance(top, LastLevelMaxPool):
-            self._unsupported(top)
-        return {name: width for name in fpn._out_features}
+    def trace(self, module: nn.Module, *spaces):
+        """Hand `module` to the rule of its type, with the spaces it reads; returns its outputs."""
+        rule = rule_for(module)
+        if rule is None:
+            self.unsupported(module)
+        return rule.trace(self, module, *spaces)
 
     def shared(self, features: Dict[str, int], names: Iterable[str]) -> int:
         """One space for the features a head reads with shared weights."""
@@ -215,57 +137,30 @@ class _GroupBuilder:
     def chain(self, x: int, layers: Sequence[nn.Module]) -> int:
         """Thread space `x` through a sequence of layers; each conv/linear starts a head group."""
         for layer in layers:
-            if isinstance(layer, _CHANNEL_LAYERS):
+            if is_layer(layer):
                 self.consume(x, layer)
-                x = self.space(self.names[layer], "head")
+                x = self.space(self.names[layer], Kind.HEAD)
                 self.produce(x, layer)
-            elif isinstance(layer, _NORM_TYPES):
+            elif is_norm(layer):
                 self.members.append((x, "norms", layer))
             elif any(True for _ in layer.parameters()):
-                self._unsupported(layer)
+                self.unsupported(layer)
         return x
 
-    def rpn(self, rpn: RPN, features: Dict[str, int]) -> None:
-        head = rpn.rpn_head
-        if not isinstance(head, StandardRPNHead):
-            self._unsupported(head)
-        convs = list(head.conv) if isinstance(head.conv, nn.Sequential) else [head.conv]
-        x = self.chain(self.shared(features, rpn.in_features), convs)
-        self.consume(x, head.objectness_logits)
-        self.consume(x, head.anchor_deltas)
+    # -- the model ----------------------------------------------------------------------------
 
-    def box_predictor(self, x: int, predictor: nn.Module) -> None:
-        for name in ("cls_score", "bbox_pred"):
-            self.consume(x, getattr(predictor, name))
-
-    def mask_head(self, x: int, head: nn.Module) -> None:
-        if not isinstance(head, nn.Sequential):
-            self._unsupported(head)
-        self.consume(self.chain(x, list(head)[:-1]), head[-1])
-
-    def standard_roi_heads(self, roi_heads: StandardROIHeads, features: Dict[str, int]) -> None:
-        if roi_heads.keypoint_on:
-            self._unsupported(roi_heads.keypoint_head)
-        if not isinstance(roi_heads.box_head, nn.Sequential):
-            self._unsupported(roi_heads.box_head)
-        x = self.chain(self.shared(features, roi_heads.box_in_features), roi_heads.box_head)
-        self.box_predictor(x, roi_heads.box_predictor)
-        if roi_heads.mask_on:
-            x = self.shared(features, roi_heads.mask_in_features)
-            self.mask_head(x, roi_heads.mask_head)
-
-    def res5_roi_heads(self, roi_heads: Res5ROIHeads, features: Dict[str, int]) -> None:
-        x = self.stage(roi_heads.res5, self.shared(features, roi_heads.in_features))
-        # The box predictor reads the stream mean-pooled to 1x1; the mask head reads it as is.
-        self.box_predictor(x, roi_heads.box_predictor)
-        if roi_heads.mask_on:
-            self.mask_head(x, roi_heads.mask_head)
-
-    def retinanet_head(self, head: RetinaNetHead, x: int) -> None:
-        self.consume(self.chain(x, head.cls_subnet), head.cls_score)
-        self.consume(self.chain(x, head.bbox_subnet), head.bbox_pred)
-
-    # -- checks and the result ----------------------------------------------------------------
+    def build(self) -> List[ChannelGroup]:
+        backbone = getattr(self.model, "backbone", None)
+        if backbone is None:
+            self.unsupported(self.model)
+        features = self.trace(backbone)
+        for module in self.model.modules():
+            rule = rule_for(module)
+            if rule is not None and rule.reads_features:
+                rule.trace(self, module, features)
+        self.tie_grouped_convs()
+        self.check_coverage()
+        return self.groups()
 
     def tie_grouped_convs(self) -> None:
         """A grouped conv's output group g reads only input group g: tie its input to its output.
@@ -284,21 +179,21 @@ class _GroupBuilder:
                 or module.in_channels != module.out_channels
                 or len(roles) != 2
             ):
-                self._unsupported(module)
+                self.unsupported(module)
             self.merge(roles["producers"], roles["consumers"])
 
     def check_coverage(self) -> None:
-        """Refuse models with channel-carrying layers that no rule above accounts for."""
+        """Refuse models with channel-carrying layers that no rule accounts for."""
         covered = set()
         for _, _, module in self.members:
             covered.update(module.modules())  # a Conv2d's .norm, a CycleBatchNormList's BNs
         for module in self.model.modules():
             if module in covered:
                 continue
-            if isinstance(module, _CHANNEL_LAYERS + _NORM_TYPES) or any(
+            if is_layer(module) or is_norm(module) or any(
                 True for _ in module.parameters(recurse=False)
             ):
-                self._unsupported(module)
+                self.unsupported(module)
 
     def groups(self) -> List[ChannelGroup]:
         by_root: Dict[int, List[int]] = {}
@@ -317,7 +212,7 @@ class _GroupBuilder:
             if not producers or not consumers:
                 continue  # nothing writes or nothing reads it, e.g. a stage output no one uses
             name, kind = max(
-                (self.labels[s] for s in by_root[root]), key=lambda label: _KIND_RANK[label[1]]
+                (self.labels[s] for s in by_root[root]), key=lambda label: _KIND_RANK[Kind(label[1])]
             )
             sizes = {_out_channels(m) for m in producers}
             assert len(sizes) == 1, f"producers of {name} disagree on their width: {sizes}"
@@ -327,7 +222,7 @@ class _GroupBuilder:
             groups.append(
                 ChannelGroup(
                     name=name,
-                    kind=kind,
+                    kind=Kind(kind).value,
                     size=sizes.pop(),
                     producers=[self.names[m] for m in producers],
                     consumers=[self.names[m] for m in consumers],
