@@ -8,7 +8,7 @@ import difflib
 import logging
 import os
 import re
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 import yaml
@@ -17,14 +17,17 @@ from detectron2.config import get_cfg
 
 from . import criteria
 from .errors import UserError
-from .pruning import find_groups
-from .pruning.budget import KINDS, select_channels
+from .pruning.kinds import KINDS
 
 logger = logging.getLogger(__name__)
 
 
 def add_prune_config(cfg: CN) -> CN:
-    """Add the `PRUNE` section and d2prune's dataset keys to `cfg` (in place) and return it."""
+    """Add the `PRUNE` section and d2prune's dataset keys to `cfg` (in place) and return it.
+
+    The budget keys, KINDS to ROUND_TO, are read in one place: `Budget.from_config`
+    (d2prune/pruning/budget.py); `check_prune_config` names the key at fault before that.
+    """
     # COCO-format datasets to register before training, each [name, json_file, image_root].
     # Registered once per process; a name already registered with other files is an error.
     cfg.DATASETS.COCO = []
@@ -56,7 +59,7 @@ def add_prune_config(cfg: CN) -> CN:
     # every eligible group whole, nothing could be pruned and the run stops with an error.
     cfg.PRUNE.MIN_CHANNELS = 8
     # Kept widths are rounded up to a multiple of this (8 suits vectorised CPU/GPU kernels), and
-    # of the GroupNorm group size in GN-normalised groups (whole GN groups go, see DESIGN.md).
+    # of the GroupNorm group size in GN-normalised groups (whole GN groups go, see docs/design.md).
     cfg.PRUNE.ROUND_TO = 1
     # Options of the criterion, as [key, value] pairs (e.g. [["seed", 1]]); string values are
     # read as Python literals when they parse as one.
@@ -189,26 +192,6 @@ def check_weights(cfg: CN) -> None:
     path = cfg.MODEL.WEIGHTS
     if path and "://" not in path and not os.path.isfile(path):
         raise UserError(f"MODEL.WEIGHTS {path}: file not found.")
-
-
-def check_budget(cfg: CN, model, original: Optional[Mapping[str, int]] = None) -> None:
-    """Run the PRUNE budget once on `model`, with equal scores, and discard the result.
-
-    A budget that can remove nothing (every eligible group at its MIN_CHANNELS / MAX_RATIO
-    floor, no group of PRUNE.KINDS left after EXCLUDE) then fails before any training or
-    evaluation instead of at the first pruning event. Scores and the FLOPs target are not
-    involved: with FLOPS_REDUCTION the check is the deepest cut the budget allows.
-    `original` is as in `select_channels` (the widths before a resumed run's earlier events).
-    """
-    p = cfg.PRUNE
-    groups = find_groups(model)
-    flops = p.FLOPS_REDUCTION > 0
-    select_channels(
-        groups, {g.name: torch.ones(g.size) for g in groups},
-        ratio=min(p.MAX_RATIO, 1 - 1e-6) if flops else p.RATIO, mode="global" if flops else p.MODE,
-        kinds=list(p.KINDS), exclude=list(p.EXCLUDE), max_ratio=p.MAX_RATIO,
-        min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO, original=original,
-    )
 
 
 def _check_config_file(path: str, child: Optional[str] = None) -> None:

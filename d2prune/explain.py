@@ -28,10 +28,11 @@ from .criteria.collector import collect_statistics
 from .criteria.information import class_information
 from .criteria.relevance import relevance_maps
 from .criteria.targets import image_positions, position_labels
-from .engine.checkpoint import PrunedCheckpointer
+from .engine import checkpoint
 from .engine.selection import build_criterion, choose_keep
 from .errors import UserError
 from .pruning import ChannelGroup, channel_spec, find_groups
+from .pruning.budget import Budget
 from .utils.modules import unwrap
 
 __all__ = [
@@ -156,12 +157,9 @@ def short_name(name: str) -> str:
 def load_model(cfg) -> Tuple[nn.Module, Dict[str, int]]:
     """The detector of `cfg` with MODEL.WEIGHTS loaded (a pruned checkpoint cuts it to its spec),
     in eval mode, and the widths the config builds it with (the unpruned spec)."""
-    model = build_model(cfg)
-    reference = channel_spec(model)
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: explaining a randomly initialised model")
-    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval(), reference
+    return checkpoint.load_model(cfg), channel_spec(build_model(cfg))
 
 
 def explanation_batches(cfg, dataset: str, num_images: int) -> List[List[dict]]:
@@ -217,15 +215,6 @@ def stage_losses(rows: Sequence[Mapping]) -> List[Dict]:
         s["before"] += row["before"]
         s["removed"] += row["before"] - row["after"]
     return sorted(stages.values(), key=lambda s: (-s["removed"], -s["removed"] / max(s["before"], 1)))
-
-
-def eligible_groups(cfg, groups: Sequence[ChannelGroup]) -> List[ChannelGroup]:
-    """The groups the PRUNE budget may narrow: of PRUNE.KINDS, matching no PRUNE.EXCLUDE."""
-    return [
-        g
-        for g in groups
-        if g.kind in cfg.PRUNE.KINDS and not any(re.search(p, g.name) for p in cfg.PRUNE.EXCLUDE)
-    ]
 
 
 class _Recorder:
@@ -542,7 +531,8 @@ def explain(
     batches = list(batches)
     num_classes = _num_classes(model)
     class_names = list(class_names or [])[:num_classes] or [str(k) for k in range(num_classes)]
-    eligible = eligible_groups(cfg, groups)
+    budget = Budget.from_config(cfg)
+    eligible = budget.eligible(groups)
 
     logger.info("Scoring channels with %s on %d images", cfg.PRUNE.CRITERION, sum(map(len, batches)))
     recorder = _Recorder(criterion)
@@ -566,7 +556,7 @@ def explain(
     )
     return Explanation(
         weights=cfg.MODEL.WEIGHTS, dataset=dataset, criterion=cfg.PRUNE.CRITERION,
-        budget=_budget(cfg), kinds=list(cfg.PRUNE.KINDS), class_names=class_names,
+        budget=budget.describe(), kinds=list(budget.kinds), class_names=class_names,
         class_counts=_class_counts(batches, len(class_names)), groups=groups, eligible=[g.name for g in eligible], reference=reference,
         before=before, after=after, scores=recorder.scores, keep=keep, apoz=apoz,
         information=information, layer=layer_view, images=images,
@@ -584,13 +574,6 @@ def _num_classes(model: nn.Module) -> int:
     if hasattr(model, "roi_heads"):
         return model.roi_heads.num_classes
     return model.num_classes
-
-
-def _budget(cfg) -> str:
-    p = cfg.PRUNE
-    if p.FLOPS_REDUCTION > 0:
-        return f"FLOPs reduction {p.FLOPS_REDUCTION:g} (global)"
-    return f"ratio {p.RATIO:g}, {p.MODE}"
 
 
 def explain_checkpoint(

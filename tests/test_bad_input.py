@@ -17,13 +17,14 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.modeling import build_model
 
-from d2prune.config import check_budget, check_weights, setup_cfg
+from d2prune.config import check_weights, separate_overrides, setup_cfg, strip_separator
 from d2prune.criteria import build as build_criterion
 from d2prune.data import register_datasets
 from d2prune.engine import PrunedCheckpointer, Trainer
+from d2prune.engine.selection import check_budget
 from d2prune.errors import UserError
 from d2prune.pruning import ChannelGroup, channel_spec, find_groups, prune
-from d2prune.pruning.budget import select_channels
+from d2prune.pruning.budget import Budget, select_channels
 
 from . import models
 from .conftest import CONFIG, REPO, run_tool, tiny_opts
@@ -122,8 +123,10 @@ def _prune_net(env, tmp_path, *flags, opts=(), dataset=None, weights=None, outpu
         "DATASETS.TRAIN", f"('{dataset[0]}',)", "DATASETS.TEST", f"('{dataset[0]}',)",
         "MODEL.WEIGHTS", env["source"] if weights is None else weights, *opts,
     ]  # fmt: skip
+    args = PRUNE_NET.argument_parser().parse_args(separate_overrides(argv))  # as its __main__ does
+    args.opts = strip_separator(args.opts)
     with pytest.raises(UserError) as error:
-        PRUNE_NET.main(PRUNE_NET.argument_parser().parse_args(argv))
+        PRUNE_NET.main(args)
     assert "\n" not in str(error.value)
     return str(error.value)
 
@@ -288,22 +291,20 @@ def test_min_channels_above_a_group_width_leaves_that_group_whole():
     model = models.build("faster_rcnn_R18_FPN")
     groups = find_groups(model)
     scores = build_criterion("l1").score(model, groups)
-    keep = select_channels(groups, scores, ratio=0.5, min_channels=100)
+    keep = select_channels(groups, scores, Budget("channels", 0.5, min_channels=100))
     blocks = {g.name: g.size for g in groups if g.kind == "block"}
     assert sorted(set(blocks.values())) == [64, 128, 256, 512]
     expected = {n: max(size // 2, 100) for n, size in blocks.items() if size > 100}
     assert {n: len(k) for n, k in keep.items()} == expected  # the 64-wide groups stay whole
     with pytest.raises(UserError, match=r"min_channels=600 and max_ratio=0\.9 leave every eligible group whole \(widest: 512 channels\)"):
-        select_channels(groups, scores, ratio=0.5, min_channels=600)
+        select_channels(groups, scores, Budget("channels", 0.5, min_channels=600))
 
 
 def test_a_ratio_near_one_never_empties_a_group():
     model = models.build("faster_rcnn_R18_FPN")
     groups = find_groups(model)
-    keep = select_channels(
-        groups, build_criterion("l1").score(model, groups), ratio=0.999, min_channels=1,
-        max_ratio=1.0, kinds=["block", "stage", "fpn", "head"],
-    )  # fmt: skip
+    budget = Budget("channels", 0.999, kinds=["block", "stage", "fpn", "head"], max_ratio=1.0, min_channels=1)
+    keep = select_channels(groups, build_criterion("l1").score(model, groups), budget)
     sizes = {g.name: g.size for g in groups}
     assert keep and {n: len(k) for n, k in keep.items()} == {
         n: max(sizes[n] - math.floor(0.999 * sizes[n]), 1) for n in keep
@@ -319,13 +320,13 @@ def test_round_to_and_group_norm_units():
     gn = ChannelGroup("backbone.fpn", "fpn", 256, ["p"], ["c"], unit=8)
     block = ChannelGroup("res2.0.conv1", "block", 64, ["p"], ["c"])
     scores = {gn.name: torch.arange(256.0), block.name: torch.arange(64.0)}
-    keep = select_channels([gn, block], scores, ratio=0.5, kinds=["fpn", "block"], round_to=3)
+    keep = select_channels([gn, block], scores, Budget("channels", 0.5, kinds=["fpn", "block"], round_to=3))
     assert len(keep[gn.name]) == 144  # 128 rounded up to a multiple of lcm(8, 3) = 24
     assert len(keep[block.name]) == 33  # 32 rounded up to a multiple of 3
     units = {c // 8 for c in keep[gn.name]}
     assert keep[gn.name] == [u * 8 + i for u in sorted(units) for i in range(8)]  # whole GN groups
     with pytest.raises(UserError) as error:
-        select_channels([gn, block], scores, ratio=0.5, kinds=["fpn", "block"], round_to=256)
+        select_channels([gn, block], scores, Budget("channels", 0.5, kinds=["fpn", "block"], round_to=256))
     _one_line_error(error, r"round_to=256 leaves every eligible group whole: none can keep a multiple of 256 channels \(and of its GroupNorm group size\) below its width \(widest: 256 channels\)")
 
 
@@ -337,6 +338,8 @@ def test_budget_checked_before_training_on_the_model(env):
     check_budget(setup_cfg(CONFIG), model)
     # FLOPs targets are checked at the deepest cut MAX_RATIO allows.
     check_budget(setup_cfg(CONFIG, ["PRUNE.FLOPS_REDUCTION", "0.5"]), model)
+    with pytest.raises(UserError, match="leave every eligible group whole"):
+        check_budget(setup_cfg(CONFIG, ["PRUNE.FLOPS_REDUCTION", "0.5", "PRUNE.MIN_CHANNELS", "600"]), model)
 
 
 class Fail(HookBase):
@@ -393,6 +396,7 @@ def _assert_user_error(proc, pattern):
     assert re.search(pattern, line), line
 
 
+@pytest.mark.subprocess
 def test_train_net_resume_from_a_checkpoint_cut_short(env, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -410,6 +414,7 @@ def test_train_net_resume_from_a_checkpoint_cut_short(env, tmp_path):
     )
 
 
+@pytest.mark.subprocess
 def test_prune_net_checkpoint_of_another_fpn_width(env, tmp_path):
     out = tmp_path / "out"
     proc = run_tool(

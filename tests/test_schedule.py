@@ -7,7 +7,7 @@ import torch
 from d2prune.complexity import count_params
 from d2prune.criteria import build
 from d2prune.pruning import ChannelGroup, channel_spec, find_groups, prune
-from d2prune.pruning.budget import select_channels, select_for_flops
+from d2prune.pruning.budget import Budget, select_channels, select_for_flops
 from d2prune.pruning.schedule import PruningSchedule, cumulative_targets, event_iters
 
 from . import models
@@ -44,11 +44,12 @@ def _shrink(groups, scores, keep):
     return groups, scores
 
 
-def _prune_in_steps(groups, scores, targets, **options):
+def _prune_in_steps(groups, scores, targets, **fields):
     original = {g.name: g.size for g in groups}
+    budget = Budget("channels", 0.0, **fields)
     widths = []
     for target in targets:
-        keep = select_channels(groups, scores, ratio=target, original=original, **options)
+        keep = select_channels(groups, scores, budget.with_amount(target), original)
         groups, scores = _shrink(groups, scores, keep)
         widths.append({g.name: g.size for g in groups})
     return widths
@@ -64,7 +65,8 @@ def test_local_steps_reach_the_cumulative_widths_of_the_original():
     # width (which would compound to 64 -> 54 -> 44 -> 33 instead of 54, 43, 32).
     assert [w["a"] for w in widths] == [54, 43, 32]
     assert [w["b"] for w in widths] == [84, 67, 50]
-    assert widths[-1] == {n: len(k) for n, k in select_channels(groups, scores, ratio=0.5, min_channels=1).items()}
+    one_step = select_channels(groups, scores, Budget("channels", 0.5, min_channels=1))
+    assert widths[-1] == {n: len(k) for n, k in one_step.items()}
 
 
 def test_global_steps_respect_max_ratio_of_the_original():
@@ -84,14 +86,15 @@ def test_flops_steps_are_relative_to_the_original_baseline():
     model = models.build("faster_rcnn_R18_FPN")
     original, baseline = channel_spec(model), count_params(model)
     options = dict(measure=count_params, original=original, baseline=baseline)
+    budget = Budget("flops", 0.2)
     reached = []
     for target in (0.1, 0.2):
         groups = find_groups(model)
         scores = build("l1").score(model, groups)
-        prune(model, select_for_flops(model, groups, scores, flops_reduction=target, **options))
+        prune(model, select_for_flops(model, groups, scores, budget.with_amount(target), **options))
         reached.append(1 - count_params(model) / baseline)
     # Relative to the current model the second step would reach 1 - 0.9 * 0.8 = 28 %.
     assert 0.1 <= reached[0] <= 0.115 and 0.2 <= reached[1] <= 0.215
     groups = find_groups(model)
     scores = build("l1").score(model, groups)
-    assert select_for_flops(model, groups, scores, flops_reduction=0.15, **options) == {}
+    assert select_for_flops(model, groups, scores, budget.with_amount(0.15), **options) == {}

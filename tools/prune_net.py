@@ -12,12 +12,11 @@ report.md. Flags override the config's PRUNE keys; trailing KEY VALUE pairs over
 import argparse
 import logging
 import os
-import re
 import sys
 
 from detectron2.utils.logger import setup_logger
 
-from d2prune.config import check_weights, setup_cfg
+from d2prune.config import check_weights, separate_overrides, setup_cfg, strip_separator
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.engine.oneshot import prune_oneshot
 from d2prune.errors import exit_on_user_error
@@ -39,7 +38,6 @@ FLAGS = {
     "min_channels": "MIN_CHANNELS",
     "round_to": "ROUND_TO",
 }
-CONFIG_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 
 def argument_parser():
@@ -62,20 +60,7 @@ def argument_parser():
     return parser
 
 
-def split_overrides(args) -> argparse.Namespace:
-    """Hand trailing KEY VALUE overrides back from a list flag that took them
-    (`--kinds block fpn SOLVER.MAX_ITER 10`: argparse gives all five words to --kinds)."""
-    for flag in ("kinds", "exclude"):
-        values = getattr(args, flag) or []
-        at = next((i for i, value in enumerate(values) if CONFIG_KEY.match(value)), None)
-        if at is not None:
-            args.opts = values[at:] + args.opts
-            setattr(args, flag, values[:at] or None)
-    return args
-
-
 def main(args):
-    args = split_overrides(args)
     overrides = []
     for flag, key in FLAGS.items():
         value = getattr(args, flag)
@@ -96,4 +81,7 @@ if __name__ == "__main__":
     setup_logger(name="d2prune")
     setup_logger(name="detectron2", abbrev_name="d2")
     logging.getLogger("fvcore").setLevel(logging.WARNING)
-    exit_on_user_error(main, argument_parser().parse_args())
+    # `--kinds block fpn SOLVER.MAX_ITER 10` would give all five words to --kinds.
+    args = argument_parser().parse_args(separate_overrides(sys.argv[1:]))
+    args.opts = strip_separator(args.opts)
+    exit_on_user_error(main, args)

@@ -17,12 +17,13 @@ from detectron2.modeling import build_model
 
 from .. import criteria
 from ..complexity import count_flops, count_params, measure_latency, width_table
-from ..config import check_budget, check_prune_config
+from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
+from ..pruning.budget import Budget
 from ..utils.io import atomic_write_text
 from .checkpoint import PrunedCheckpointer
-from .selection import build_criterion, choose_keep, sample_inputs
+from .selection import build_criterion, check_budget, choose_keep, sample_inputs
 from .trainer import Trainer, build_coco_evaluator
 
 logger = logging.getLogger(__name__)
@@ -96,13 +97,14 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     check_budget(cfg, model)  # before the slow evaluation: a budget that removes nothing fails now
     model.eval()
 
+    budget = Budget.from_config(cfg)
     report = {
         "weights": cfg.MODEL.WEIGHTS,
         "criterion": cfg.PRUNE.CRITERION,
-        "ratio": cfg.PRUNE.RATIO if cfg.PRUNE.FLOPS_REDUCTION <= 0 else None,
-        "flops_reduction_target": cfg.PRUNE.FLOPS_REDUCTION or None,
-        "mode": cfg.PRUNE.MODE,
-        "kinds": list(cfg.PRUNE.KINDS),
+        "ratio": budget.amount if budget.target == "channels" else None,
+        "flops_reduction_target": budget.amount if budget.target == "flops" else None,
+        "mode": budget.mode,
+        "kinds": list(budget.kinds),
         "dataset": cfg.DATASETS.TEST[0],
     }
     logger.info("Evaluating the model before pruning")

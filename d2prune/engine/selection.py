@@ -1,13 +1,14 @@
 """Choosing the channels to keep: criterion from the config, statistics, scores, budget.
 
 The one selection path of d2prune: one-shot pruning (`tools/prune_net.py`) and every pruning
-event during training (`PruningHook`) call `choose_keep`.
+event during training (`PruningHook`) call `choose_keep`, after `check_budget`.
 """
 
 import logging
 import time
 from typing import Dict, Iterable, List, Mapping, Optional
 
+import torch
 from torch import nn
 
 from .. import criteria
@@ -16,10 +17,10 @@ from ..config import criterion_options
 from ..criteria.collector import collect_statistics
 from ..errors import UserError
 from ..pruning import find_groups
-from ..pruning.budget import select_channels, select_for_flops
+from ..pruning.budget import Budget, select, select_channels
 from ..utils.modules import unwrap
 
-__all__ = ["build_criterion", "choose_keep", "sample_inputs"]
+__all__ = ["build_criterion", "check_budget", "choose_keep", "sample_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,48 +39,60 @@ def sample_inputs(cfg, model):
     return batch, dummy_tensor(-(-side // 32) * 32).to(device)
 
 
+def check_budget(cfg, model: nn.Module, original: Optional[Mapping[str, int]] = None) -> None:
+    """Fail now, before any training or evaluation, when the PRUNE budget can remove nothing
+    from `model` (every eligible group at its MIN_CHANNELS / MAX_RATIO floor, no group of
+    PRUNE.KINDS left after EXCLUDE) rather than at the first pruning event.
+
+    Tries the budget's deepest cut on equal scores, whatever its target: the floors, not the
+    scores or the amount, decide whether anything can go. `original` is as in `select_channels`
+    (the widths before a resumed run's earlier events).
+    """
+    budget = Budget.from_config(cfg)
+    if budget.amount == 0:
+        return  # removes nothing by request
+    groups = find_groups(unwrap(model))
+    equal = {g.name: torch.ones(g.size) for g in groups}
+    select_channels(groups, equal, budget.deepest(), original)
+
+
 def choose_keep(
     cfg,
     model: nn.Module,
     criterion: criteria.Criterion,
     batches: Optional[Iterable[List[dict]]] = None,
     *,
-    target: Optional[float] = None,
+    amount: Optional[float] = None,
     original: Optional[Mapping[str, int]] = None,
     original_flops: Optional[float] = None,
 ) -> Dict[str, List[int]]:
-    """Keep sets for `prune(model, keep)` under the PRUNE budget.
+    """Keep sets for `prune(model, keep)` under the PRUNE budget (`Budget.from_config`).
 
     Data-driven criteria first gather statistics on `batches` (detectron2 training batches);
-    weight-only ones never touch them. `target` is the share to have removed once this step is
-    done: of the channels, or of the FLOPs when PRUNE.FLOPS_REDUCTION is set (default: the
-    config's RATIO or FLOPS_REDUCTION). It refers to `original` widths and `original_flops`,
-    those of the model before an earlier step pruned it (default: the model as it is).
+    weight-only ones never touch them. `amount` is the share to have removed once this step is
+    done, of the channels or of the FLOPs as the budget's target says (default: the config's).
+    It refers to `original` widths and `original_flops`, those of the model before an earlier
+    step pruned it (default: the model as it is).
     """
-    p = cfg.PRUNE
+    budget = Budget.from_config(cfg)
+    if amount is not None:
+        budget = budget.with_amount(amount)
     model = unwrap(model)
-    flops_mode = p.FLOPS_REDUCTION > 0
-    if target is None:
-        target = p.FLOPS_REDUCTION if flops_mode else p.RATIO
     start = time.perf_counter()
     groups = find_groups(model)
     stats = None
     if criterion.data != "none":
         if batches is None:
-            raise UserError(f"PRUNE.CRITERION '{p.CRITERION}' needs training batches to score channels.")
+            raise UserError(
+                f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training batches to score channels."
+            )
         stats = collect_statistics(model, groups, criterion, batches)
     scores = criterion.score(model, groups, stats)
-    options = dict(
-        kinds=list(p.KINDS), exclude=list(p.EXCLUDE), max_ratio=p.MAX_RATIO,
-        min_channels=p.MIN_CHANNELS, round_to=p.ROUND_TO, original=original,
+    inputs, _ = sample_inputs(cfg, model)  # seeded dummy images; only a FLOPs target measures
+    keep = select(
+        model, groups, scores, budget, measure=lambda m: count_flops(m, inputs)["total"],
+        original=original, baseline=original_flops,
     )
-    if flops_mode:
-        inputs, _ = sample_inputs(cfg, model)
-        keep = select_for_flops(
-            model, groups, scores, flops_reduction=target, baseline=original_flops,
-            measure=lambda m: count_flops(m, inputs)["total"], **options,
-        )
-    else:
-        keep = select_channels(groups, scores, ratio=target, mode=p.MODE, **options)
-    logger.info("Scored and selected channels with %s in %.2f s", p.CRITERION, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    logger.info("Scored and selected channels with %s in %.2f s", cfg.PRUNE.CRITERION, seconds)
     return keep

@@ -1,69 +1,198 @@
 """How many channels each group loses: from criterion scores to keep sets for `prune`.
 
-Per group (`local`) or over the whole network (`global`), or until the FLOPs fall by a target
-share; the constraints that keep the result valid (widths, whole units, floors) live here.
+A `Budget` says what to cut (a share of the channels, or of the FLOPs) and under which
+constraints (widths, whole units, floors); `select` turns scores into keep sets under it.
 """
 
 import copy
+import dataclasses
 import math
 import re
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from .groups import ChannelGroup
-from .kinds import KINDS
+from .kinds import KINDS, Kind
 from .surgery import prune
 
-__all__ = ["KINDS", "check_options", "select_channels", "select_for_flops"]
+__all__ = ["KINDS", "TARGETS", "Budget", "select", "select_channels", "select_for_flops"]
 
 _EPS = 1e-12
+
+# What a budget can aim at, each with how reports put the budget in words.
+TARGETS = {
+    "channels": "ratio {amount:g}, {mode}",
+    "flops": "FLOPs reduction {amount:g} (global)",
+}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much to prune and under which constraints; `Budget.from_config` reads the PRUNE keys.
+
+    `target` "channels" removes `amount` of the eligible channels (`mode` "local": of each
+    group; "global": of all of them, on group-normalised scores); "flops" removes channels in
+    the global order until the FLOPs fall by `amount`. Either way `amount` is in [0, 1) and 0
+    removes nothing. Eligible groups are those of `kinds` whose name matches none of the
+    `exclude` regular expressions (`re.search`). A group keeps at least `min_channels` (or all,
+    if it has fewer) and at least `1 - max_ratio` of its channels, and a multiple of `round_to`.
+    `kinds` and `exclude` may be given as lists and are kept as tuples, so that a budget is
+    hashable. Invalid fields are a one-line `UserError` when the budget is made.
+    """
+
+    target: str
+    amount: float
+    mode: str = "local"
+    kinds: Tuple[str, ...] = ("block",)
+    exclude: Tuple[str, ...] = ()
+    max_ratio: float = 0.9
+    min_channels: int = 8
+    round_to: int = 1
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise UserError(
+                f"pruning budget: target must be one of {', '.join(map(repr, TARGETS))}, "
+                f"got {self.target!r}."
+            )
+        if not _is_number(self.amount) or not 0 <= self.amount < 1:
+            raise UserError(f"pruning budget: amount must be in [0, 1), got {self.amount!r}.")
+        if self.mode not in ("local", "global"):
+            raise UserError(f"pruning budget: mode must be 'local' or 'global', got {self.mode!r}.")
+        if isinstance(self.kinds, str) or not isinstance(self.kinds, (list, tuple)):
+            raise UserError(
+                f"pruning budget: kinds must be a list of group kinds, got {self.kinds!r}."
+            )
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise UserError(
+                f"pruning budget: unknown group kind {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(KINDS)}."
+            )
+        if isinstance(self.exclude, str) or not isinstance(self.exclude, (list, tuple)):
+            raise UserError(
+                "pruning budget: exclude must be a list of regular expressions, "
+                f"got {self.exclude!r}."
+            )
+        for pattern in self.exclude:
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError) as e:
+                raise UserError(
+                    f"pruning budget: exclude pattern {pattern!r} is invalid: {e}."
+                ) from None
+        if not _is_number(self.max_ratio) or not 0 < self.max_ratio <= 1:
+            raise UserError(f"pruning budget: max_ratio must be in (0, 1], got {self.max_ratio!r}.")
+        for key in ("min_channels", "round_to"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"pruning budget: {key} must be a positive integer, got {value!r}.")
+        # Tuples keep the budget hashable; a Kind hashes unlike the string it equals.
+        kinds = tuple(k.value if isinstance(k, Kind) else k for k in self.kinds)
+        object.__setattr__(self, "kinds", kinds)
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    @classmethod
+    def from_config(cls, cfg) -> "Budget":
+        """The budget of a config's PRUNE keys: a FLOPs target when PRUNE.FLOPS_REDUCTION > 0,
+        else PRUNE.RATIO of the channels."""
+        p = cfg.PRUNE
+        flops = p.FLOPS_REDUCTION > 0
+        return cls(
+            target="flops" if flops else "channels",
+            amount=p.FLOPS_REDUCTION if flops else p.RATIO,
+            mode=p.MODE,
+            kinds=tuple(p.KINDS),
+            exclude=tuple(p.EXCLUDE),
+            max_ratio=p.MAX_RATIO,
+            min_channels=p.MIN_CHANNELS,
+            round_to=p.ROUND_TO,
+        )
+
+    def eligible(self, groups: Sequence[ChannelGroup]) -> List[ChannelGroup]:
+        """The groups this budget may narrow: of `kinds`, matching none of `exclude`."""
+        return [
+            g
+            for g in groups
+            if g.kind in self.kinds and not any(re.search(p, g.name) for p in self.exclude)
+        ]
+
+    def describe(self) -> str:
+        """The budget in words for reports, e.g. "ratio 0.5, local"."""
+        return TARGETS[self.target].format(amount=self.amount, mode=self.mode)
+
+    def with_amount(self, amount: float) -> "Budget":
+        """The same budget with another amount (an iterative schedule's growing targets)."""
+        return dataclasses.replace(self, amount=amount)
+
+    def deepest(self) -> "Budget":
+        """The deepest channel cut these constraints allow: `max_ratio` (just below 1) of all
+        eligible channels in the global order. A FLOPs target searches below it, and a budget
+        that this cut leaves whole can remove nothing at all."""
+        return dataclasses.replace(
+            self, target="channels", amount=min(self.max_ratio, 1 - 1e-6), mode="global"
+        )
+
+
+def select(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, torch.Tensor],
+    budget: Budget,
+    *,
+    measure: Optional[Callable[[nn.Module], float]] = None,
+    original: Optional[Mapping[str, int]] = None,
+    baseline: Optional[float] = None,
+) -> Dict[str, List[int]]:
+    """Keep sets under `budget`, by `select_channels` or, for a FLOPs target, by
+    `select_for_flops` (which takes `measure`, `baseline`); `model` is not changed."""
+    if budget.target == "flops":
+        return select_for_flops(
+            model, groups, scores, budget, measure=measure, original=original, baseline=baseline
+        )
+    return select_channels(groups, scores, budget, original)
 
 
 def select_channels(
     groups: Sequence[ChannelGroup],
     scores: Mapping[str, torch.Tensor],
-    *,
-    ratio: float,
-    mode: str = "local",
-    kinds: Sequence[str] = ("block",),
-    exclude: Sequence[str] = (),
-    max_ratio: float = 0.9,
-    min_channels: int = 8,
-    round_to: int = 1,
+    budget: Budget,
     original: Optional[Mapping[str, int]] = None,
 ) -> Dict[str, List[int]]:
-    """Sorted channel indices to keep, for each group that loses channels (the others are absent).
+    """Sorted channel indices to keep under a channels `budget`, for each group that loses
+    channels (the others are absent). Channels with the lowest scores go:
 
-    Eligible groups are those of `kinds` whose name matches none of the `exclude` regular
-    expressions (`re.search`). Channels with the lowest scores go:
-
-    - `local`: each eligible group loses `ratio` of its channels (rounded down);
+    - `local`: each eligible group loses `amount` of its channels (rounded down);
     - `global`: scores are divided by their group's mean magnitude, so groups of different
-      scale compare, and the lowest `ratio` share of all eligible channels goes.
+      scale compare, and the lowest `amount` share of all eligible channels goes.
 
-    In both modes a group keeps at least `min_channels` (or all, if it has fewer) and at least
-    `1 - max_ratio` of its channels, goes by whole units (GroupNorm groups, conv groups; a unit
-    scores the mean of its channels), and keeps a multiple of `round_to` channels: the kept
-    count is rounded up, so the removed share can fall short of `ratio`. A group whose width
-    is not such a multiple can only stay whole. A request that can remove nothing at all
-    (every eligible group at or below its floor) is an error rather than a silent no-op.
+    In both modes a group goes by whole units (GroupNorm groups, conv groups; a unit scores
+    the mean of its channels) down to its floor (`min_channels`, `max_ratio`), and keeps a
+    multiple of `round_to` channels: the kept count is rounded up, so the removed share can fall
+    short of `amount`. A group whose width is not such a multiple can only stay whole. A
+    request that can remove nothing at all (every eligible group at or below its floor) is an
+    error rather than a silent no-op.
 
-    `original` holds the widths before any pruning (a channel spec). When given, `ratio`,
+    `original` holds the widths before any pruning (a channel spec). When given, `amount`,
     `max_ratio` and `min_channels` refer to those widths instead of the current ones, and a call
-    removes only what is still missing: pruning in several steps toward growing ratios ends at
-    the widths that one step to the last ratio would give.
+    removes only what is still missing: pruning in several steps toward growing amounts ends at
+    the widths that one step to the last amount would give.
     """
-    check_options(ratio, mode, kinds, max_ratio, min_channels, round_to)
-    eligible = _eligible(groups, kinds, exclude)
+    if budget.target != "channels":
+        raise ValueError(f"select_channels takes a channels budget, got target {budget.target!r}")
+    eligible = budget.eligible(groups)
+    ratio, max_ratio = budget.amount, budget.max_ratio
+    min_channels, round_to = budget.min_channels, budget.round_to
     if ratio == 0:
         return {}
     if not eligible:
         raise UserError(
-            f"pruning budget: no channel group of kinds {', '.join(kinds)} is left after "
-            f"exclude {list(exclude)}; nothing to prune."
+            f"pruning budget: no channel group of kinds {', '.join(budget.kinds)} is left after "
+            f"exclude {list(budget.exclude)}; nothing to prune."
         )
     reference = {g.name: g.size if original is None else original[g.name] for g in eligible}
     unit_scores = {g.name: _unit_scores(g, scores) for g in eligible}
@@ -80,7 +209,7 @@ def select_channels(
             f"a multiple of {round_to} channels (and of its GroupNorm group size) below its width "
             f"(widest: {max(reference.values())} channels)."
         )
-    if mode == "local":
+    if budget.mode == "local":
         widths = {
             g.name: min(
                 max(reference[g.name] - math.floor(ratio * reference[g.name] + 1e-9), floors[g.name]),
@@ -106,49 +235,38 @@ def select_for_flops(
     model: nn.Module,
     groups: Sequence[ChannelGroup],
     scores: Mapping[str, torch.Tensor],
+    budget: Budget,
     *,
-    flops_reduction: float,
     measure: Callable[[nn.Module], float],
-    tolerance: float = 0.01,
-    max_steps: int = 20,
-    kinds: Sequence[str] = ("block",),
-    exclude: Sequence[str] = (),
-    max_ratio: float = 0.9,
-    min_channels: int = 8,
-    round_to: int = 1,
     original: Optional[Mapping[str, int]] = None,
     baseline: Optional[float] = None,
+    tolerance: float = 0.01,
+    max_steps: int = 20,
 ) -> Dict[str, List[int]]:
-    """Keep sets that cut `measure(model)` (FLOPs) by `flops_reduction`, removing in global order.
+    """Keep sets that cut `measure(model)` (FLOPs) by the `amount` of a FLOPs `budget`,
+    removing channels in the global order.
 
-    Bisects the `global` ratio of `select_channels`; each candidate is measured on a pruned
-    deep copy, so `model` is untouched. Returns the candidate with the smallest ratio found
-    whose reduction is at least `flops_reduction`, stopping early once it is within
-    `tolerance` above it (FLOPs fall in steps of whole channels, so an exact hit is rare).
+    Bisects the amount of a global `select_channels` budget; each candidate is measured on a
+    pruned deep copy, so `model` is untouched. Returns the candidate with the smallest amount
+    found whose reduction is at least the target, stopping early once it is within `tolerance`
+    above it (FLOPs fall in steps of whole channels, so an exact hit is rare).
 
     For a model already pruned, `original` (its widths before pruning, see `select_channels`)
-    and `baseline` (its FLOPs then) make `flops_reduction` relative to the unpruned model; a
-    model that is already there loses nothing.
+    and `baseline` (its FLOPs then) make the target relative to the unpruned model; a model
+    that is already there loses nothing.
     """
-    if not 0 < flops_reduction < 1:
-        raise UserError(
-            f"pruning budget: flops_reduction must be in (0, 1), got {flops_reduction!r}."
-        )
-    options = dict(
-        mode="global",
-        kinds=kinds,
-        exclude=exclude,
-        max_ratio=max_ratio,
-        min_channels=min_channels,
-        round_to=round_to,
-        original=original,
-    )
+    if budget.target != "flops":
+        raise ValueError(f"select_for_flops takes a FLOPs budget, got target {budget.target!r}")
+    goal = budget.amount
+    if goal == 0:
+        return {}
     # The global order can remove at most `max_ratio` of the eligible channels.
-    low, high = 0.0, min(max_ratio, 1 - 1e-6)
-    deepest = select_channels(groups, scores, ratio=high, **options)  # validates the options
+    cut = budget.deepest()
+    low, high = 0.0, cut.amount
+    deepest = select_channels(groups, scores, cut, original)
     if baseline is None:
         baseline = measure(model)
-    elif 1 - measure(model) / baseline >= flops_reduction:
+    elif 1 - measure(model) / baseline >= goal:
         return {}
 
     def reduction(keep: Mapping[str, Sequence[int]]) -> float:
@@ -157,58 +275,27 @@ def select_for_flops(
         return 1 - measure(pruned) / baseline
 
     best, reached = deepest, reduction(deepest)
-    if reached < flops_reduction:
+    if reached < goal:
         raise UserError(
-            f"pruning budget: flops_reduction={flops_reduction} is out of reach; pruning "
-            f"kinds {', '.join(kinds)} as far as max_ratio={max_ratio} and "
-            f"min_channels={min_channels} allow removes {reached:.1%} of the FLOPs."
+            f"pruning budget: FLOPs reduction {goal} is out of reach; pruning "
+            f"kinds {', '.join(budget.kinds)} as far as max_ratio={budget.max_ratio} and "
+            f"min_channels={budget.min_channels} allow removes {reached:.1%} of the FLOPs."
         )
     for _ in range(max_steps):
-        if reached - flops_reduction <= tolerance:
+        if reached - goal <= tolerance:
             break
         middle = (low + high) / 2
-        keep = select_channels(groups, scores, ratio=middle, **options)
+        keep = select_channels(groups, scores, cut.with_amount(middle), original)
         achieved = reduction(keep)
-        if achieved >= flops_reduction:
+        if achieved >= goal:
             high, best, reached = middle, keep, achieved
         else:
             low = middle
     return best
 
 
-def check_options(ratio, mode, kinds, max_ratio, min_channels, round_to) -> None:
-    """Raise a `UserError` naming the first budget option outside its allowed values."""
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
-        raise UserError(f"pruning budget: ratio must be in [0, 1), got {ratio!r}.")
-    if mode not in ("local", "global"):
-        raise UserError(f"pruning budget: mode must be 'local' or 'global', got {mode!r}.")
-    if isinstance(kinds, str):
-        raise UserError(f"pruning budget: kinds must be a list of group kinds, got {kinds!r}.")
-    unknown = [k for k in kinds if k not in KINDS]
-    if unknown:
-        raise UserError(
-            f"pruning budget: unknown group kind {', '.join(map(repr, unknown))}; "
-            f"allowed: {', '.join(KINDS)}."
-        )
-    if not 0 < max_ratio <= 1:
-        raise UserError(f"pruning budget: max_ratio must be in (0, 1], got {max_ratio!r}.")
-    for key, value in (("min_channels", min_channels), ("round_to", round_to)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UserError(f"pruning budget: {key} must be a positive integer, got {value!r}.")
-
-
-def _eligible(
-    groups: Sequence[ChannelGroup], kinds: Sequence[str], exclude: Sequence[str]
-) -> List[ChannelGroup]:
-    patterns = []
-    for pattern in exclude:
-        try:
-            patterns.append(re.compile(pattern))
-        except re.error as e:
-            raise UserError(
-                f"pruning budget: exclude pattern {pattern!r} is invalid: {e}."
-            ) from None
-    return [g for g in groups if g.kind in kinds and not any(p.search(g.name) for p in patterns)]
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _unit_scores(group: ChannelGroup, scores: Mapping[str, torch.Tensor]) -> torch.Tensor:
