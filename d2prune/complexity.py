@@ -16,12 +16,18 @@ from detectron2.structures import Boxes, Instances
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
+from .errors import UserError
 from .utils.modules import unwrap
 
 __all__ = [
     "count_params",
     "count_flops",
+    "CLOCKS",
+    "clock",
+    "interleaved_latency",
     "measure_latency",
+    "output_tensors",
+    "synchronize",
     "dummy_inputs",
     "dummy_tensor",
     "width_table",
@@ -97,52 +103,100 @@ class _Detector(nn.Module):
         self.model = model
 
     def forward(self, *images: torch.Tensor):
-        outputs = self.model([{"image": image} for image in images])
-        flat = []
-        for output in outputs:
-            for value in output.values():
-                fields = value.get_fields().values() if isinstance(value, Instances) else [value]
-                flat += [f.tensor if isinstance(f, Boxes) else f for f in fields]
-        return tuple(f for f in flat if isinstance(f, torch.Tensor))
+        return tuple(output_tensors(self.model([{"image": image} for image in images])))
+
+
+def output_tensors(outputs: List[dict]) -> List[torch.Tensor]:
+    """The tensors of a detectron2 eval-mode output (a list of dicts of `Instances`), flat:
+    what tracing sees, and what two runs compare."""
+    flat = []
+    for output in outputs:
+        for value in output.values():
+            fields = value.get_fields().values() if isinstance(value, Instances) else [value]
+            flat += [f.tensor if isinstance(f, Boxes) else f for f in fields]
+    return [f for f in flat if isinstance(f, torch.Tensor)]
+
+
+# `wall`: elapsed time. `cpu`: CPU time of this process, which with one torch thread is the
+# work a call costs, whatever else runs on the machine (on a shared machine, waits for the
+# other threads of a parallel region inflate wall time several-fold); CPU only.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def clock(name: str) -> Callable[[], float]:
+    """The timer `name` of `CLOCKS`; a `UserError` naming the allowed ones otherwise."""
+    if name not in CLOCKS:
+        raise UserError(f"clock must be one of {', '.join(CLOCKS)}, got {name!r}.")
+    return CLOCKS[name]
+
+
+def interleaved_latency(
+    runners: Sequence[Union[nn.Module, Callable]],
+    inputs,
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    rounds: int = 1,
+    clock_name: str = "wall",
+) -> List[Dict[str, float]]:
+    """Time of each of `runners` on `inputs` without gradients, in ms: median, p90, mean, min.
+
+    Each runner is called `warmup` times untimed (allocator, lazy initialisation), then
+    `rounds` rounds each time every runner in turn `repeats` times, so that load from other
+    processes on a shared machine falls on all of them alike. Modules run in eval mode (their
+    mode is restored). Compare figures measured in one call; never assert on them. On a shared
+    machine the minimum is the steadier estimate: other jobs only ever add time.
+    """
+    now = clock(clock_name)
+    modules = [r for r in runners if isinstance(r, nn.Module)]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    runs: List[List[float]] = [[] for _ in runners]
+    try:
+        with torch.no_grad():
+            for run in runners:
+                for _ in range(warmup):
+                    run(inputs)
+            for _ in range(rounds):
+                for times, run in zip(runs, runners):
+                    for _ in range(repeats):
+                        synchronize()
+                        start = now()
+                        run(inputs)
+                        synchronize()
+                        times.append((now() - start) * 1000)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    return [_summary(sorted(times)) for times in runs]
 
 
 def measure_latency(
-    module_or_fn: Union[nn.Module, Callable], inputs: Inputs, warmup: int = 3, repeats: int = 10
+    module_or_fn: Union[nn.Module, Callable],
+    inputs: Inputs,
+    warmup: int = 3,
+    repeats: int = 10,
+    clock_name: str = "wall",
 ) -> Dict[str, float]:
-    """Wall-clock time of `module_or_fn(inputs)` without gradients: median, p90, mean, min (ms).
+    """`interleaved_latency` of one module or function: median, p90, mean, min (ms), repeats."""
+    return interleaved_latency(
+        [module_or_fn], inputs, warmup=warmup, repeats=repeats, clock_name=clock_name
+    )[0]
 
-    A module runs in eval mode (its mode is restored afterwards). The first `warmup` calls
-    (allocator, lazy initialisation) are not counted. Timings share the machine with whatever
-    else runs: compare medians measured in the same process, never assert on them.
-    """
-    module = module_or_fn if isinstance(module_or_fn, nn.Module) else None
-    was_training = module is not None and module.training
-    if module is not None:
-        module.eval()
-    times = []
-    try:
-        with torch.no_grad():
-            for i in range(warmup + repeats):
-                _synchronize()
-                start = time.perf_counter()
-                module_or_fn(inputs)
-                _synchronize()
-                if i >= warmup:
-                    times.append((time.perf_counter() - start) * 1000)
-    finally:
-        if module is not None:
-            module.train(was_training)
-    times.sort()
+
+def _summary(times: List[float]) -> Dict[str, float]:
     return {
         "median_ms": statistics.median(times),
         "p90_ms": times[min(len(times) - 1, math.ceil(0.9 * len(times)) - 1)],
         "mean_ms": statistics.fmean(times),
         "min_ms": times[0],
-        "repeats": repeats,
+        "repeats": len(times),
     }
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
+    """Wait for queued CUDA work, so that a timer read after it counts that work."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 

@@ -27,9 +27,7 @@ import importlib.util
 import json
 import logging
 import os
-import statistics
 import tempfile
-import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -38,15 +36,15 @@ import torch
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import read_image
-from detectron2.modeling import GeneralizedRCNN, build_model
+from detectron2.modeling import GeneralizedRCNN
 from detectron2.structures import Boxes, Instances
 from tabulate import tabulate
 from torch import nn
 
 from .compat import tracing_adapter_class
-from .complexity import count_params, dummy_inputs
+from .complexity import CLOCKS, count_params, dummy_inputs, interleaved_latency
 from .data import validate_datasets
-from .engine.checkpoint import PrunedCheckpointer
+from .engine import checkpoint
 from .errors import UserError
 from .utils.io import atomic_path, atomic_write_text
 
@@ -82,10 +80,6 @@ ONNX_OPSET = 17
 # scores. Integer fields (classes) must be equal.
 PARITY_RTOL = 1e-4
 MB = 1e6
-# How latency is timed. `wall`: elapsed time. `cpu`: CPU time of this process, which with one
-# thread is the work a call costs whatever else runs on the machine (with several threads it is
-# their sum, not a latency; on a shared machine the waits between threads inflate wall time).
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 Runner = Callable[[torch.Tensor], Tuple[torch.Tensor, ...]]
 
@@ -140,9 +134,7 @@ def load_model(cfg) -> nn.Module:
     cfg = cfg.clone()
     cfg.defrost()
     cfg.MODEL.DEVICE = "cpu"
-    model = build_model(cfg)
-    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS)
-    return model.eval()
+    return checkpoint.load_model(cfg)
 
 
 def load_image(cfg, path: str) -> torch.Tensor:
@@ -341,22 +333,12 @@ def compare_latency(
     repeats: int = 20,
     clock: str = "wall",
 ) -> Dict[str, float]:
-    """Median milliseconds of each runner on `image` on `clock` (see `CLOCKS`), no gradients.
-
-    `measure_latency`'s method (warm-up calls not counted, median of the rest), but the runners
-    take turns in every round, so that load from other processes on a shared machine falls on
-    all of them alike instead of on whichever happened to run during it.
-    """
-    now = CLOCKS[clock]
-    times: Dict[str, List[float]] = {name: [] for name in runners}
-    with torch.no_grad():
-        for i in range(warmup + repeats):
-            for name, run in runners.items():
-                start = now()
-                run(image)
-                if i >= warmup:
-                    times[name].append((now() - start) * 1000)
-    return {name: statistics.median(values) for name, values in times.items()}
+    """Median milliseconds of each runner on `image` on `clock` (see `CLOCKS`), no gradients;
+    the runners take turns call by call (`interleaved_latency`)."""
+    figures = interleaved_latency(
+        list(runners.values()), image, warmup=warmup, repeats=1, rounds=repeats, clock_name=clock
+    )
+    return {name: f["median_ms"] for name, f in zip(runners, figures)}
 
 
 def export_model(

@@ -44,6 +44,7 @@ def test_fixed_proposals_are_the_same_anchors_before_and_after_pruning():
     assert torch.equal(pruned.proposal_boxes.tensor, proposals.proposal_boxes.tensor)
 
 
+@pytest.mark.slow
 def test_speedup_reaches_the_flops_target_on_the_resnet():
     model = fixed_proposals(models.build("faster_rcnn_R18_FPN"))
     base, row = speedup(model, side=64, levels=(0.3,), target="flops", repeats=1, rounds=1)
@@ -107,6 +108,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.subprocess
 def test_pruning_event_memory_holds_a_model_copy():
     """In a fresh process with a fixed mmap threshold, as tools/benchmark.py measures: in the
     test process, memory freed by earlier tests (and glibc raising its mmap threshold after

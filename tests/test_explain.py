@@ -156,6 +156,7 @@ def test_layer_names_are_checked():
         X.resolve_layer(groups, "roi_heads.box_head.fc1")
 
 
+@pytest.mark.subprocess
 def test_explain_net_writes_a_self_contained_report(trained, tmp_path):
     root, out, _ = trained
     dest = tmp_path / "explain"

@@ -123,6 +123,7 @@ TINY = [
 ]  # fmt: skip
 
 
+@pytest.mark.subprocess
 def test_tool_exports_a_pruned_checkpoint(tmp_path):
     cfg = setup_cfg(CONFIG, [*TINY, "MODEL.DEVICE", "cpu"])
     torch.manual_seed(0)
@@ -173,6 +174,7 @@ def test_tool_exports_a_pruned_checkpoint(tmp_path):
     ],
     ids=["missing-weights", "unknown-format"],
 )
+@pytest.mark.subprocess
 def test_bad_input_is_one_line_error(tmp_path, args, expected):
     proc = run_tool("export_model.py", "--config-file", CONFIG, "--output", tmp_path / "out", *args)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

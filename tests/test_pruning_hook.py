@@ -15,7 +15,7 @@ from d2prune.criteria import build
 from d2prune.engine import PruningTrainer, Trainer, pruning_hook
 from d2prune.engine.pruning_hook import PruningHook, sliced_optimizer_state
 from d2prune.pruning import channel_spec, find_groups, prune
-from d2prune.pruning.budget import select_channels
+from d2prune.pruning.budget import Budget, select_channels
 
 from . import models
 from .conftest import CONFIG, copypaste_ap, run_tool, tiny_opts
@@ -126,7 +126,8 @@ def test_sliced_optimizer_state_follows_prune():
         if name != skipped:  # a parameter that never had a gradient has no state
             optimizer.state[p] = {"momentum_buffer": torch.randn(p.shape, generator=generator), "step": 3}
     groups = find_groups(model)
-    keep = select_channels(groups, build("random").score(model, groups), ratio=0.5, kinds=["block", "fpn"])
+    budget = Budget("channels", 0.5, kinds=["block", "fpn"])
+    keep = select_channels(groups, build("random").score(model, groups), budget)
     old = {n: optimizer.state[p] for n, p in model.named_parameters() if p in optimizer.state}
     shadow = copy.deepcopy(model)
     sliced = sliced_optimizer_state(model, optimizer, keep)
@@ -175,6 +176,7 @@ def test_fine_tuning_from_a_pruned_checkpoint_optimises_its_parameters(run, tmp_
     assert channel_spec(trainer.model) == torch.load(out / "model_final.pth", weights_only=True)["d2prune"]["spec"]
 
 
+@pytest.mark.subprocess
 def test_eval_only_on_the_final_pruned_checkpoint(run, tmp_path):
     dataset, out, results, _, _, _, _ = run
     proc = run_tool(

@@ -71,6 +71,7 @@ open(os.path.join(run, "result.json"), "w").write(json.dumps(dict(job, name=name
 """
 
 
+@pytest.mark.subprocess
 def test_run_study_appends_results_skips_finished_runs_and_reports_failures(tmp_path):
     worker = [sys.executable, "-c", FAKE_WORKER, str(tmp_path)]
     jobs = [study.Job(None, 0.0, 0, 4), study.Job("l1", 0.5, 0, 4), study.Job("l1", 0.5, 13, 4)]
@@ -196,6 +197,7 @@ def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     assert report.plot_delta(report.summarize(results[:3]), 40, str(tmp_path / "d.png")) is None
 
 
+@pytest.mark.subprocess
 def test_a_tiny_study_end_to_end(trained, tmp_path):
     """Baseline and one pruned fine-tune of the 3-iteration source model, each in its own process,
     then the report; a rerun finds both runs finished and rewrites the same table."""

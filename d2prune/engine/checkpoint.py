@@ -13,12 +13,14 @@ from typing import Any, Dict, Mapping, Optional
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.modeling import build_model
+from torch import nn
 
 from ..errors import UserError
 from ..pruning import apply_spec, channel_spec
 from ..utils.io import atomic_open, atomic_write_text
 
-__all__ = ["PrunedCheckpointer"]
+__all__ = ["PrunedCheckpointer", "load_model"]
 
 # A checkpoint that `atomic_open` was writing when its process died (see d2prune.utils.io).
 _TORN = re.compile(r"^\..+\.pth\.[0-9a-f]{8}\.tmp$")
@@ -197,3 +199,16 @@ def _check_architecture(filename: str, meta: Any, built: Mapping[str, int]) -> N
             f"{filename}: group '{wider}' has {spec[wider]} channels in the checkpoint but only "
             f"{built[wider]} in the model the config builds; {advice}"
         )
+
+
+def load_model(cfg, weights: Optional[str] = None) -> nn.Module:
+    """The detector of `cfg` with `weights` (default MODEL.WEIGHTS) loaded, in eval mode.
+
+    A pruned checkpoint cuts the freshly built model to its channel spec first, so the pruned
+    architecture is what comes back; any tensor whose shape still differs is an error.
+    """
+    model = build_model(cfg)
+    checkpointer = PrunedCheckpointer(model)
+    checkpointer.unpruned_spec = channel_spec(model)
+    checkpointer.load(cfg.MODEL.WEIGHTS if weights is None else weights)
+    return model.eval()

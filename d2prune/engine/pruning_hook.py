@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from detectron2.engine import HookBase, hooks
@@ -19,14 +19,15 @@ from detectron2.utils import comm
 from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
+from .. import compat
 from ..complexity import count_flops, count_params
-from ..config import check_budget
 from ..pruning import channel_spec, find_groups, prune
+from ..pruning.budget import Budget
 from ..pruning.schedule import PruningSchedule
 from ..utils.modules import unwrap
-from .selection import build_criterion, choose_keep, sample_inputs
+from .selection import build_criterion, check_budget, choose_keep, sample_inputs
 
-__all__ = ["PruningHook", "sliced_optimizer_state"]
+__all__ = ["PruningHook", "cut", "sliced_optimizer_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class PruningHook(HookBase):
 
     At event k it removes channels until the share of the unpruned model's channels (or FLOPs)
     given by the schedule is gone, slices the optimizer's momentum to the kept channels, has
-    the trainer rebuild its optimizer, scheduler and DDP wrapper (`Trainer.rebuild_optimizer`),
+    the trainer rebuild its optimizer, scheduler and DDP wrapper (`cut`, `Trainer.install_optimizer`),
     saves `model_pruned_<iter>.pth`, and logs sizes to the event storage under `pruning/`.
     Its state (events done, the unpruned widths and FLOPs) travels in the checkpoints.
     """
@@ -44,10 +45,10 @@ class PruningHook(HookBase):
     def __init__(self, cfg):
         p = cfg.PRUNE
         self.cfg = cfg
-        self._flops_mode = p.FLOPS_REDUCTION > 0
-        final = p.FLOPS_REDUCTION if self._flops_mode else p.RATIO
+        budget = Budget.from_config(cfg)
+        self._flops_mode = budget.target == "flops"
         self.schedule = PruningSchedule.build(
-            p.SCHEDULE, final, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
+            p.SCHEDULE, budget.amount, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
         )
         self.criterion = build_criterion(cfg)
         self.events_done = 0
@@ -64,7 +65,7 @@ class PruningHook(HookBase):
 
     def check_budget(self) -> None:
         """Fail now, rather than at the next event, when the PRUNE budget cannot remove any
-        channel from the trainer's model (see `d2prune.config.check_budget`)."""
+        channel from the trainer's model (see `d2prune.engine.selection.check_budget`)."""
         if self.events_done < len(self.schedule.iters):
             check_budget(self.cfg, unwrap(self.trainer.model), self.original_spec)
 
@@ -86,20 +87,19 @@ class PruningHook(HookBase):
         start = time.perf_counter()
         # Batches come from the training stream (every rank its own shard); weight-only
         # criteria never draw from it, so their runs see the same data as without pruning.
-        batches = itertools.islice(trainer._trainer._data_loader_iter, cfg.PRUNE.SCORE_BATCHES)
+        batches = itertools.islice(compat.training_data_iter(trainer), cfg.PRUNE.SCORE_BATCHES)
         keep = choose_keep(
             cfg, model, self.criterion, batches,
-            target=self.schedule.targets[self.events_done],
+            amount=self.schedule.targets[self.events_done],
             original=self.original_spec, original_flops=self.original_flops,
         )
         score_seconds = time.perf_counter() - start
         check_same_on_all_ranks(keep)
 
         before, params_before = channel_spec(model), count_params(model)
-        state = sliced_optimizer_state(model, trainer.optimizer, keep)
-        with torch.no_grad():
-            prune(model, keep)
-        trainer.rebuild_optimizer(state)
+        trainer.install_optimizer(
+            cut(model, trainer.optimizer, keep, lambda m: trainer.build_optimizer(cfg, m))
+        )
         self.events_done += 1
         comm.synchronize()
 
@@ -158,9 +158,9 @@ class PruningHook(HookBase):
     def _flush_writers(self) -> None:
         # Writers keep only the latest value of each key: without writing now, an event
         # followed by another before the next periodic write would be missing from the curve.
-        for hook in self.trainer._hooks:
+        for hook in compat.trainer_hooks(self.trainer):
             if isinstance(hook, hooks.PeriodicWriter):
-                for writer in hook._writers:
+                for writer in compat.periodic_writers(hook):
                     if not isinstance(writer, CommonMetricPrinter):
                         writer.write()
 
@@ -183,6 +183,44 @@ def check_same_on_all_ranks(keep: Mapping[str, Sequence[int]]) -> None:
     digests = comm.all_gather(hashlib.sha1(text.encode()).hexdigest())
     if len(set(digests)) > 1:
         raise RuntimeError(f"pruning: the ranks chose different channels to keep ({digests})")
+
+
+def cut(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    keep: Mapping[str, Sequence[int]],
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer],
+) -> torch.optim.Optimizer:
+    """The surgery of one pruning event: `prune(model, keep)` and the optimizer that replaces
+    `optimizer`, built by `build_optimizer(model)` around the new parameters, holding the old
+    one's hyperparameters (learning rates, as the scheduler left them) and its state (e.g. SGD
+    momentum) sliced to the kept channels. `optimizer` must not be used afterwards."""
+    model = unwrap(model)
+    state = sliced_optimizer_state(model, optimizer, keep)
+    with torch.no_grad():
+        prune(model, keep)
+    return carry_over(optimizer, build_optimizer(model), model, state)
+
+
+def carry_over(
+    old: torch.optim.Optimizer,
+    new: torch.optim.Optimizer,
+    model: nn.Module,
+    state: Optional[Mapping[str, Dict]] = None,
+) -> torch.optim.Optimizer:
+    """`new` (built for `model`'s current parameters) with `old`'s group hyperparameters and
+    `state` (parameter name -> optimizer state) as its state; returns `new`."""
+    # Same module structure, so the same parameter groups in the same order; only shapes differ.
+    assert len(old.param_groups) == len(new.param_groups)
+    for old_group, group in zip(old.param_groups, new.param_groups):
+        group.update({k: v for k, v in old_group.items() if k != "params"})
+    if state:
+        names = {id(p): name for name, p in unwrap(model).named_parameters()}
+        for group in new.param_groups:
+            for p in group["params"]:
+                if names[id(p)] in state:
+                    new.state[p] = dict(state[names[id(p)]])
+    return new
 
 
 def sliced_optimizer_state(

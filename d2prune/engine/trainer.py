@@ -6,8 +6,8 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Mapping, Optional
 
+import torch
 from detectron2.engine import DefaultTrainer, HookBase, hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.utils import comm
@@ -20,7 +20,7 @@ from ..pruning import channel_spec
 from ..utils.io import atomic_write_text
 from ..utils.modules import unwrap
 from .checkpoint import PrunedCheckpointer
-from .pruning_hook import PruningHook
+from .pruning_hook import PruningHook, carry_over
 
 
 def build_coco_evaluator(cfg, dataset_name: str, output_folder: str = None) -> COCOEvaluator:
@@ -51,7 +51,7 @@ class RunSummary(HookBase):
             # iteration left to do.
             "iterations": min(self.trainer.iter, self.trainer.max_iter) - self._start_iter,
             "train_seconds": round(time.perf_counter() - self._start_time, 1),
-            "results": getattr(self.trainer, "_last_eval_results", None) or {},
+            "results": compat.last_eval_results(self.trainer) or {},
         }
         atomic_write_text(self._path, json.dumps(summary, indent=2, default=float))
 
@@ -84,7 +84,7 @@ class Trainer(DefaultTrainer):
     def state_dict(self):
         ret = super().state_dict()
         if not compat.TRAINER_SAVES_OPTIMIZER:
-            ret["_trainer"] = self._trainer.state_dict()
+            ret["_trainer"] = compat.inner_trainer(self).state_dict()
         return ret
 
     def load_state_dict(self, state_dict):
@@ -94,48 +94,30 @@ class Trainer(DefaultTrainer):
         self._follow_model()
         super().load_state_dict(state_dict)
         if not compat.TRAINER_SAVES_OPTIMIZER and "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+            compat.inner_trainer(self).load_state_dict(state_dict["_trainer"])
 
     def _follow_model(self) -> None:
         """Rebuild the optimizer when the model's parameters are no longer the ones it holds."""
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
         if held != {id(p) for p in unwrap(self.model).parameters() if p.requires_grad}:
-            self.rebuild_optimizer()
+            model = unwrap(self.model)
+            self.install_optimizer(carry_over(self.optimizer, self.build_optimizer(self.cfg, model), model))
 
-    def rebuild_optimizer(self, state: Optional[Mapping[str, Dict]] = None) -> None:
-        """Rebuild the optimizer, LR scheduler and DDP wrapper around the model's current
-        parameters, after surgery replaced some of them; training continues where it was.
-
-        Learning rates and the scheduler's position carry over from the old optimizer and
-        scheduler; `state` (parameter name -> optimizer state, e.g. the sliced SGD momentum)
-        becomes the new optimizer's state. The AMP grad scaler and the data stay as they are.
-        """
+    def install_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Train on with `optimizer` (see `pruning_hook.cut`), which holds the model's current
+        parameters after surgery replaced some of them: a new LR scheduler continues at the old
+        one's position, and a new DDP wrapper holds the new parameters. The AMP grad scaler and
+        the data stay as they are."""
         model = unwrap(self.model)
-        optimizer = self.build_optimizer(self.cfg, model)
         scheduler = self.build_lr_scheduler(self.cfg, optimizer)
-        old = self.optimizer
-        # Same module structure, so the same parameter groups in the same order; only shapes differ.
-        assert len(old.param_groups) == len(optimizer.param_groups)
         scheduler.load_state_dict(self.scheduler.state_dict())
-        for old_group, group in zip(old.param_groups, optimizer.param_groups):
-            group.update({k: v for k, v in old_group.items() if k != "params"})
-        if state:
-            names = {id(p): name for name, p in model.named_parameters()}
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    if names[id(p)] in state:
-                        optimizer.state[p] = dict(state[names[id(p)]])
 
-        self._trainer.optimizer = optimizer
         self.scheduler = scheduler
         # The old DDP wrapper's reducer still points at the replaced parameters: without a new
         # one, their successors' gradients would silently stay unsynchronised across ranks.
-        self._trainer.model = compat.create_ddp_model(model, broadcast_buffers=False)
-        for hook in self._hooks:
-            if isinstance(hook, hooks.LRScheduler):
-                hook._optimizer = optimizer  # cached in before_train
-            elif isinstance(hook, hooks.PreciseBN):
-                hook._model = self.model
+        compat.replace_optimizer_and_model(
+            self, optimizer, compat.create_ddp_model(model, broadcast_buffers=False)
+        )
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -162,7 +144,7 @@ class Trainer(DefaultTrainer):
             super().train()
         finally:
             loop_logger.removeFilter(quiet)
-        return getattr(self, "_last_eval_results", None)
+        return compat.last_eval_results(self)
 
 
 class PruningTrainer(Trainer):
@@ -187,5 +169,5 @@ class PruningTrainer(Trainer):
 
     def train(self):
         """Check that the PRUNE budget can remove channels from the model as loaded, then train."""
-        next(h for h in self._hooks if isinstance(h, PruningHook)).check_budget()
+        next(h for h in compat.trainer_hooks(self) if isinstance(h, PruningHook)).check_budget()
         return super().train()

@@ -14,7 +14,6 @@ import platform
 import resource
 import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import detectron2
@@ -28,13 +27,22 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import prune as torch_prune
 
 from d2prune import criteria
-from d2prune.complexity import count_flops, count_params, dummy_inputs, dummy_tensor
+from d2prune.complexity import clock as clock_of
+from d2prune.complexity import (
+    count_flops,
+    count_params,
+    dummy_inputs,
+    dummy_tensor,
+    interleaved_latency,
+    output_tensors,
+    synchronize,
+)
 from d2prune.criteria.collector import collect_statistics
-from d2prune.engine.pruning_hook import sliced_optimizer_state
+from d2prune.engine.pruning_hook import cut
 from d2prune.engine.selection import choose_keep
 from d2prune.errors import UserError
 from d2prune.pruning import find_groups, prune
-from d2prune.pruning.budget import select_channels, select_for_flops
+from d2prune.pruning.budget import Budget, select_channels, select_for_flops
 from d2prune.utils.modules import unwrap
 
 __all__ = [
@@ -58,18 +66,6 @@ __all__ = [
 ]
 
 Keep = Dict[str, List[int]]
-
-# `wall`: elapsed time. `cpu`: CPU time of this process, which with one torch thread is the
-# work a call costs, whatever else runs on the machine (on a shared machine, waits for the
-# other threads of a parallel region inflate wall time several-fold); CPU only.
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def _clock(name: str) -> Callable[[], float]:
-    if name not in CLOCKS:
-        raise UserError(f"benchmark: clock must be one of {', '.join(CLOCKS)}, got {name!r}.")
-    return CLOCKS[name]
-
 
 # -- what pruning buys: FLOPs and latency ---------------------------------------------------------
 
@@ -106,14 +102,12 @@ def block_keep(
     groups = find_groups(model)
     scores = criteria.build("l1").score(model, groups)
     if flops_reduction is None:
-        return select_channels(
-            groups, scores, ratio=ratio, kinds=("block",), min_channels=1, round_to=round_to
-        )
+        return select_channels(groups, scores, Budget("channels", ratio, min_channels=1, round_to=round_to))
     image = dummy_tensor(side)
     return select_for_flops(
-        model, groups, scores, flops_reduction=flops_reduction, kinds=("block",),
-        round_to=round_to, measure=lambda m: count_flops(unwrap(m).backbone.bottom_up, image)["total"],
-    )  # fmt: skip
+        model, groups, scores, Budget("flops", flops_reduction, round_to=round_to),
+        measure=lambda m: count_flops(unwrap(m).backbone.bottom_up, image)["total"],
+    )
 
 
 def pruned_copy(model: nn.Module, keep: Mapping[str, Sequence[int]]) -> nn.Module:
@@ -130,8 +124,9 @@ def surgery_seconds(
     """Median seconds of `prune` (group discovery included) removing `ratio` of every group of
     `kinds` (l1 scores), each run on a fresh copy of `model`."""
     groups = find_groups(model)
-    keep = select_channels(groups, criteria.build("l1").score(model, groups), ratio=ratio, kinds=kinds, min_channels=1)
-    now = _clock(clock)
+    budget = Budget("channels", ratio, kinds=kinds, min_channels=1)
+    keep = select_channels(groups, criteria.build("l1").score(model, groups), budget)
+    now = clock_of(clock)
     times = []
     for _ in range(repeats):
         victim = copy.deepcopy(model)
@@ -140,37 +135,6 @@ def surgery_seconds(
             prune(victim, keep)
         times.append(now() - start)
     return {"median_s": statistics.median(times), "groups_pruned": len(keep), "repeats": repeats}
-
-
-def interleaved_latency(
-    modules: Sequence[nn.Module], inputs, repeats: int = 5, rounds: int = 3, clock: str = "wall"
-) -> List[Dict[str, float]]:
-    """Latency (ms) of each of `modules` on `inputs`, in eval mode without gradients: `rounds`
-    rounds, each running every module in turn once untimed and `repeats` times timed, so that
-    load on a shared machine hits all of them alike. Returns the median and the minimum of each
-    module's runs: other jobs only ever add time, so on a shared machine the minimum is the
-    steadier estimate of what a call costs."""
-    now = _clock(clock)
-    runs: List[List[float]] = [[] for _ in modules]
-    with torch.no_grad():
-        for _ in range(rounds):
-            for times, module in zip(runs, modules):
-                was_training = module.training
-                module.eval()
-                module(inputs)
-                for _ in range(repeats):
-                    _synchronize()
-                    start = now()
-                    module(inputs)
-                    _synchronize()
-                    times.append((now() - start) * 1000)
-                module.train(was_training)
-    return [{"median_ms": statistics.median(times), "min_ms": min(times)} for times in runs]
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def speedup(
@@ -209,7 +173,9 @@ def speedup(
         parts["detector"] = (unwrap, batch)
     rows = [{"level": level} for level in (0.0, *levels)]
     for part, (get, inputs) in parts.items():
-        latencies = interleaved_latency([get(m) for m in models], inputs, repeats, rounds, clock)
+        latencies = interleaved_latency(
+            [get(m) for m in models], inputs, warmup=1, repeats=repeats, rounds=rounds, clock_name=clock
+        )
         for row, m, latency in zip(rows, models, latencies):
             row[f"{part}_flops"] = count_flops(get(m), inputs)["total"]
             row[f"{part}_params"] = count_params(get(m))
@@ -256,12 +222,12 @@ def parse_criterion(text: str) -> Tuple[str, Dict]:
 
 
 def _seconds_per_batch(fn: Callable, batches: List, clock: str) -> float:
-    now = _clock(clock)
+    now = clock_of(clock)
     fn(batches[:1])  # warm-up: allocator, kernels, lazy initialisation
-    _synchronize()
+    synchronize()
     start = now()
     fn(batches)
-    _synchronize()
+    synchronize()
     return (now() - start) / len(batches)
 
 
@@ -300,21 +266,21 @@ def scoring_seconds(
     """What a criterion costs: `collect_s`, seconds per batch of statistics gathered through
     the detector (0 for weight-only criteria), and `score_s`, seconds to turn the statistics
     (or the weights) into scores once, which some criteria (chip) spend most of their time on."""
-    now = _clock(clock)
+    now = clock_of(clock)
     groups = find_groups(model)
     stats, collect = None, 0.0
     if criterion.data != "none":
         collect_statistics(model, groups, criterion, batches[:1])  # warm-up
-        _synchronize()
+        synchronize()
         start = now()
         stats = collect_statistics(model, groups, criterion, batches)
-        _synchronize()
+        synchronize()
         collect = (now() - start) / len(batches)
     else:
         criterion.score(model, groups)  # warm-up
     start = now()
     criterion.score(model, groups, stats)
-    _synchronize()
+    synchronize()
     return {"collect_s": collect, "score_s": now() - start}
 
 
@@ -449,8 +415,8 @@ def pruning_event_memory(
 
     On a deep copy of `model`: one training iteration gives the optimizer its momentum (and is
     measured); then the event: statistics on `batches` for a data-driven criterion, scores,
-    the budget (cfg.PRUNE with `ratio`), the optimizer state sliced to the kept channels, the
-    surgery and a new optimizer holding that state. Returns `peak_rss` figures for both
+    the budget (cfg.PRUNE with `ratio`), and the hook's own surgery (`cut`: the optimizer state
+    sliced to the kept channels, `prune`, a new optimizer holding that state). Returns `peak_rss` figures for both
     (`train`, `event`), the channel groups cut and the model's parameter size in MiB.
     """
     model = copy.deepcopy(model)
@@ -459,16 +425,8 @@ def pruning_event_memory(
     _, train = peak_rss(lambda: _train(model, optimizer, batches[:1]))
 
     def event():
-        keep = choose_keep(cfg, model, criterion, iter(batches), target=ratio)
-        state = sliced_optimizer_state(model, optimizer, keep)
-        with torch.no_grad():
-            prune(model, keep)
-        rebuilt = build_optimizer(cfg, model)
-        names = {id(p): name for name, p in model.named_parameters()}
-        for group in rebuilt.param_groups:
-            for p in group["params"]:
-                if names[id(p)] in state:
-                    rebuilt.state[p] = dict(state[names[id(p)]])
+        keep = choose_keep(cfg, model, criterion, iter(batches), amount=ratio)
+        cut(model, optimizer, keep, lambda m: build_optimizer(cfg, m))
         return keep
 
     keep, memory = peak_rss(event)
@@ -564,7 +522,7 @@ def torch_pruning_blocks(
     importance = tp.importance.GroupMagnitudeImportance(
         p=1, group_reduction=reduction, normalizer=None if reduction == "first" else "mean"
     )
-    now = _clock(clock)
+    now = clock_of(clock)
     start = now()
     pruner = tp.pruner.MetaPruner(
         root, example, importance=importance, pruning_ratio=ratio, ignored_layers=ignored, **forward
@@ -614,12 +572,12 @@ def compare_with_torch_pruning(
     else:
         example, part, flops_inputs = image, lambda m: unwrap(m).backbone.bottom_up, image
 
-    now = _clock(clock)
+    now = clock_of(clock)
     victim = copy.deepcopy(model)
     start = now()
     groups = find_groups(victim)
     keep = select_channels(
-        groups, criteria.build("l1").score(victim, groups), ratio=ratio, kinds=("block",), min_channels=1
+        groups, criteria.build("l1").score(victim, groups), Budget("channels", ratio, min_channels=1)
     )
     with torch.no_grad():
         prune(victim, keep)
@@ -734,7 +692,7 @@ def masking_comparison(
     masked, chosen = masked_copy(model, keep)
     image = dummy_tensor(side)
     resnets = [unwrap(m).backbone.bottom_up for m in (model, masked, pruned)]
-    latencies = interleaved_latency(resnets, image, repeats, rounds, clock)
+    latencies = interleaved_latency(resnets, image, warmup=1, repeats=repeats, rounds=rounds, clock_name=clock)
     with torch.no_grad():
         difference = _max_difference(resnets[1].eval()(image), resnets[2].eval()(image))
     dense_params = count_params(resnets[0])
@@ -764,16 +722,6 @@ def _error_text(error: Exception, limit: int = 220) -> str:
     """`Type: message` on one line, the middle of a long message (module reprs) elided."""
     text = " ".join(f"{type(error).__name__}: {error}".split())
     return text if len(text) <= limit else f"{text[: limit // 2]} ... {text[-limit // 2:]}"
-
-
-def _tensors(outputs) -> List[torch.Tensor]:
-    """The tensors of a detectron2 eval-mode output (list of dicts of Instances)."""
-    flat = []
-    for output in outputs:
-        for value in output.values():
-            fields = value.get_fields().values() if isinstance(value, Instances) else [value]
-            flat += [f.tensor if isinstance(f, Boxes) else f for f in fields]
-    return [f for f in flat if isinstance(f, torch.Tensor)]
 
 
 def torch_pruning_limits(model: nn.Module, side: int = 128) -> List[Dict]:
@@ -912,7 +860,7 @@ def torch_pruning_limits(model: nn.Module, side: int = 128) -> List[Dict]:
     attempt(
         "The same with a forward_fn returning the output's tensors; then halve the FPN output "
         "width (`fpn_output2` group) and run the detector",
-        detector_eval(lambda m, x: _tensors(m(x)), prune_fpn=True),
+        detector_eval(lambda m, x: output_tensors(m(x)), prune_fpn=True),
     )
     attempt(
         "The same with a forward_fn that returns the training losses (batch with boxes)",

@@ -114,10 +114,18 @@ def prepare_target_subsets(root: str, sizes: Iterable[int], image_size: int = 19
         subset = dict(data, images=images[:n], annotations=[a for a in data["annotations"] if a["image_id"] in ids])
         path = os.path.join(root, f"target_train_{n}.json")
         text = json.dumps(subset)
-        if not os.path.isfile(path) or open(path, encoding="utf-8").read() != text:
+        if _read_text(path) != text:
             atomic_write_text(path, text)
         entries.append([train_dataset(n), path, str(image_root)])
     return entries
+
+
+def _read_text(path: str) -> Optional[str]:
+    """The text of file `path`, or None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequence[str]], opts: Sequence[str] = ()) -> Dict:
@@ -219,11 +227,10 @@ def run_study(
                 job = queue.pop(0)
                 run_dir = os.path.join(output, "runs", job.name)
                 os.makedirs(run_dir, exist_ok=True)
-                log = open(os.path.join(run_dir, "worker.log"), "ab")
-                process = subprocess.Popen(
-                    [*worker, json.dumps(asdict(job))], stdout=log, stderr=subprocess.STDOUT, env=env
-                )
-                log.close()
+                with open(os.path.join(run_dir, "worker.log"), "ab") as log:
+                    process = subprocess.Popen(
+                        [*worker, json.dumps(asdict(job))], stdout=log, stderr=subprocess.STDOUT, env=env
+                    )
                 running[process] = job
             time.sleep(1.0)
             for process in [p for p in running if p.poll() is not None]:
@@ -268,7 +275,7 @@ def measure_latencies(
     from projects.study.report import spec_key
 
     path = os.path.join(output, "latency.json")
-    cache = json.load(open(path, encoding="utf-8")) if os.path.isfile(path) else {}
+    cache = json.loads(_read_text(path) or "{}")
     todo = {}
     for r in results:
         todo.setdefault(spec_key(r["spec"]), r)
