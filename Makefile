@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-full study-schedule source demo-prune explain export benchmark test data lint clean
+.PHONY: setup demo study study-full study-schedule source demo-prune explain export benchmark benchmark-gpu test test-fast data lint clean
 
 setup:
 	@bash tools/setup/install.sh
@@ -91,11 +91,26 @@ benchmark: setup
 	$(PY) tools/benchmark.py --threads 1 --clock cpu --repeats 3 --rounds 5 --output docs/benchmark.md
 	$(PY) tools/benchmark_peers.py --side 320 --threads 1 --clock cpu --output docs/benchmark_peers.md
 
+# For a machine with one CUDA GPU (no venv, no network; about 5 minutes on an H200): the CUDA
+# tests, then the GPU latency of an R50-FPN Faster R-CNN unpruned and pruned to -50 % FLOPs
+# (tools/benchmark_gpu.py), into $OUT (default output/gpu). Needs python3 with torch+CUDA and
+# torchvision, and .devwheels/ (the missing wheels) and .devd2/ (detectron2 main's source, used
+# uncompiled) prepared on a networked machine by
+# `D2_SRC=<detectron2 checkout> bash tools/setup/device_gpu.sh --prepare`.
+benchmark-gpu:
+	bash tools/setup/device_gpu.sh
+
+# Every test (about 10 minutes on 2 cores; cuda ones skip themselves without a GPU).
 test: setup
 	$(PY) -m pytest -q tests
 
+# The in-process tests only (surgery exactness, budgets, criteria, checkpoints, config checks):
+# no slow, subprocess, two-process or GPU tests.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not subprocess and not ddp and not cuda" tests
+
 lint: setup
-	$(VENV)/bin/ruff check d2prune tools tests
+	$(VENV)/bin/ruff check d2prune projects tools tests
 
 clean:
 	rm -rf output

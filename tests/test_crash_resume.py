@@ -4,7 +4,6 @@ model the schedule asks for."""
 
 import os
 import queue
-import random
 import re
 import signal
 import subprocess
@@ -27,6 +26,44 @@ from .prune_helpers import tiny_dataset
 
 ITERS = 6
 EVENTS = (2, 3, 4)
+TIMEOUT = 600  # seconds a run may take to reach its stop, or to finish
+
+# `tools/train_net.py` as a user runs it, except that the process stops itself (SIGSTOP) at one
+# point of the run that the test names, after printing that it got there: the test then kills
+# it there, not wherever a timer happened to fall. argv[1] is the point: "after:<checkpoint>"
+# (its file renamed into place and named by last_checkpoint), "inside:<checkpoint>" (written to
+# its temporary file, not yet renamed), or "-" to run through.
+STOPPING_TRAIN_NET = """
+import contextlib, os, runpy, signal, sys
+from d2prune.engine import checkpoint
+
+where, _, name = sys.argv.pop(1).partition(":")
+
+def stop():
+    print(f"stopped {where} {name}", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)
+
+save, atomic_open = checkpoint.PrunedCheckpointer.save, checkpoint.atomic_open
+
+def stopping_save(self, basename, **kwargs):
+    save(self, basename, **kwargs)
+    if where == "after" and basename == name:
+        stop()
+
+@contextlib.contextmanager
+def stopping_atomic_open(path, mode="w"):
+    with atomic_open(path, mode) as f:
+        yield f
+        if where == "inside" and os.path.basename(path) == name + ".pth":
+            f.flush()
+            stop()
+
+checkpoint.PrunedCheckpointer.save = stopping_save
+checkpoint.atomic_open = stopping_atomic_open
+sys.argv[0] = sys.argv[1]
+del sys.argv[1]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 def _opts(dataset, out):
@@ -46,12 +83,13 @@ def _opts(dataset, out):
 
 
 class Run:
-    """`tools/train_net.py` in a child process whose output lines are read as they come."""
+    """`tools/train_net.py` in a child process whose output lines are read as they come; with
+    `stop` ("after:<checkpoint>" or "inside:<checkpoint>") it halts itself there."""
 
-    def __init__(self, dataset, out, *flags):
+    def __init__(self, dataset, out, *flags, stop="-"):
         command = [
-            sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", CONFIG,
-            "--dataset", *dataset, *flags, *_opts(dataset, out),
+            sys.executable, "-c", STOPPING_TRAIN_NET, stop, str(REPO / "tools" / "train_net.py"),
+            "--config-file", CONFIG, "--dataset", *dataset, *flags, *_opts(dataset, out),
         ]  # fmt: skip
         self.proc = subprocess.Popen(
             command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -65,28 +103,34 @@ class Run:
             self._queue.put(line)
         self._queue.put(None)
 
-    def wait_for(self, text: str, count: int = 1, timeout: float = 600) -> bool:
-        """Read output until the `count`-th line containing `text`; False if the run ended first."""
-        seen = sum(text in line for line in self.lines)
+    def wait_for(self, text: str, timeout: float = TIMEOUT) -> None:
+        """Read output up to the first line containing `text`; fail if the run ends or `timeout`
+        seconds pass first."""
         deadline = time.monotonic() + timeout
-        while seen < count:
-            line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+        while True:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0.01))
+            except queue.Empty:
+                pytest.fail(f"no line with {text!r} within {timeout} s; last lines:\n{self.tail()}")
             if line is None:
-                return False
+                pytest.fail(f"the run ended (status {self.proc.wait()}) before {text!r}:\n{self.tail()}")
             self.lines.append(line)
-            seen += text in line
-        return True
+            if text in line:
+                return
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def finish(self, timeout: float = 600) -> int:
+    def finish(self, timeout: float = TIMEOUT) -> int:
         """Read the output to its end; the exit status."""
         while (line := self._queue.get(timeout=timeout)) is not None:
             self.lines.append(line)
         return self.proc.wait()
+
+    def tail(self) -> str:
+        return "".join(self.lines[-40:])
 
 
 def _check_complete(out) -> str:
@@ -103,38 +147,40 @@ def _check_complete(out) -> str:
 def runs():
     """Starts `Run`s; any still running when the test ends (a failed one) is killed."""
     started = []
-    yield lambda *args: started.append(Run(*args)) or started[-1]
+    yield lambda *args, **kwargs: started.append(Run(*args, **kwargs)) or started[-1]
     for run in started:
         run.kill()
 
 
-def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs):
+# Where the run is killed, and the checkpoint `last_checkpoint` then names. Checkpoints are
+# written after iterations 1, 3 and 5 (CHECKPOINT_PERIOD 2) and by the events at 2, 3 and 4.
+KILLS = {
+    "before-first-event": ("after:model_0000001", "model_0000001.pth"),
+    "writing-event-2": ("inside:model_pruned_0000003", "model_pruned_0000002.pth"),
+    "after-event-2": ("after:model_pruned_0000003", "model_pruned_0000003.pth"),
+    "after-final": ("after:model_final", "model_final.pth"),
+}
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("stop, last", KILLS.values(), ids=KILLS.keys())
+def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs, stop, last):
     dataset = tiny_dataset(tmp_path / "data", "crash_resume_train", 2)
     out = tmp_path / "out"
-    rng = random.Random(0)
 
-    # Killed inside a pruning event: once it has begun to write its checkpoint, after a random
-    # delay, so mostly in the middle of that write.
-    run = runs(dataset, out)
-    event = rng.choice([1, 2])
-    assert run.wait_for(f"Saving checkpoint to {out / f'model_pruned_{EVENTS[event - 1]:07d}.pth'}")
-    time.sleep(rng.uniform(0.0, 0.3))
-    run.kill()
-    torn = [n for n in os.listdir(out) if n.endswith(".tmp")]  # when the kill hit a write
-    last = _check_complete(out)
-    # The checkpoint written before the event, or one the event's iteration wrote in full.
-    assert last in {
-        1: ("model_0000001.pth", "model_pruned_0000002.pth"),
-        2: ("model_pruned_0000002.pth", "model_pruned_0000003.pth", "model_0000003.pth"),
-    }[event]
+    killed = runs(dataset, out, stop=stop)
+    killed.wait_for(f"stopped {stop.replace(':', ' ')}")
+    killed.kill()
+    torn = [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert len(torn) == stop.startswith("inside:"), torn
+    assert _check_complete(out) == last
 
     run = runs(dataset, out, "--resume")
-    assert run.finish() == 0, "".join(run.lines[-40:])
-    resumed_at = int(last[-11:-4]) + 1
+    assert run.finish() == 0, run.tail()
+    resumed_at = int(last[-11:-4]) + 1 if last != "model_final.pth" else ITERS
     assert any(f"Starting training from iteration {resumed_at}" in line for line in run.lines)
     assert _check_complete(out) == "model_final.pth"
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the resumed run removed them
-    print(f"killed in event {event} after {last}; temporary files left: {torn}")
 
     # The final checkpoint rebuilds the scheduled architecture in a freshly built model.
     cfg = setup_cfg(CONFIG, [*_opts(dataset, out), "PRUNE.ENABLED", "False"])
@@ -149,8 +195,8 @@ def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs):
     assert extra["trainer"]["hooks"]["PruningHook"]["events_done"] == len(EVENTS)
     assert extra["iteration"] == ITERS - 1
 
-    # The last event's log line, with the widths it reached.
-    (line,) = [ln for ln in run.lines if "pruning event 3/3" in ln]
+    # The last event's log line (from whichever run got there), with the widths it reached.
+    (line,) = [ln for ln in killed.lines + run.lines if "pruning event 3/3" in ln]
     match = re.search(r"pruning event 3/3 at iter 4: block (\d+) -> (\d+) channels \(([-+]\d+\.\d) %", line)
     assert match, line
     old, new, change = int(match[1]), int(match[2]), float(match[3])

@@ -2,6 +2,8 @@
 channel that its paper calls unimportant lowest.
 """
 
+import copy
+import itertools
 import os
 import subprocess
 import sys
@@ -9,27 +11,27 @@ import sys
 import pytest
 import torch
 from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling import build_model
 from torch import nn
 
 from d2prune.criteria import Criterion, available, build
 from d2prune.criteria.base import DATA_NEEDS, combine
+from d2prune.criteria.collector import collect_statistics
+from d2prune.engine.trainer import Trainer
 from d2prune.errors import UserError
 from d2prune.pruning import find_groups
 from d2prune.pruning.groups import ChannelGroup
 
 from . import models
 from .conftest import REPO
+from .prune_helpers import prune_cfg, tiny_dataset
 
 torch.set_num_threads(2)
 
 BLOCK = "backbone.bottom_up.res3.1.conv1"  # a group with a single conv producer
 FC = "roi_heads.box_head.fc1"  # a group produced by a Linear layer, without norm
-
-
-@pytest.fixture(scope="module")
-def r18():
-    model = models.build("faster_rcnn_R18_FPN")
-    return model, find_groups(model)
+# Options that keep a data-driven criterion's share of the contract test to seconds.
+QUICK = {"chip": {"images": 2, "positions": 32}, "hrank": {"images": 2}}
 
 
 def _scores(name, model, group_name, **options):
@@ -37,21 +39,75 @@ def _scores(name, model, group_name, **options):
     return build(name, **options).score(model, [group])[group_name]
 
 
-def test_every_criterion_scores_every_group(r18):
-    model, groups = r18
-    assert {"l1", "l2", "fpgm", "bn_scale", "random"} <= set(available())
+def _hooks(model):
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The tiny synthetic detector (R18-FPN with BatchNorm, 6 classes, random weights, slimmed
+    FPN and box head) and two training batches of two 64 px target-domain images, as its data
+    loader gives them."""
+    root = tmp_path_factory.mktemp("criteria_contract")
+    dataset = tiny_dataset(root, "criteria_contract_train", 4)
+    cfg = prune_cfg(
+        dataset, root / "out", 1, (1,),
+        "INPUT.MIN_SIZE_TRAIN", "(64,)", "INPUT.MAX_SIZE_TRAIN", "64",
+        "MODEL.FPN.OUT_CHANNELS", "32", "MODEL.ROI_BOX_HEAD.FC_DIM", "64",
+        "MODEL.RPN.POST_NMS_TOPK_TRAIN", "32", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "16",
+    )  # fmt: skip
+    batches = list(itertools.islice(Trainer.build_train_loader(cfg), 2))
+    torch.manual_seed(0)
+    return build_model(cfg), batches
+
+
+def test_the_registry_lists_every_criterion():
+    assert {"l1", "l2", "fpgm", "bn_scale", "random", "taylor", "entropy", "mi", "lrp"} <= set(available())
     assert available() == sorted(available())
-    for name in available():
-        criterion = build(name)
-        assert criterion.data in DATA_NEEDS
+    assert all(build(name).data in DATA_NEEDS for name in available())
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_criterion_keeps_the_contract(synthetic, name):
+    """Every registered criterion, data-driven ones fed training batches through the shared
+    collector: a finite float32 score per channel of every group, the same scores when the same
+    criterion scores the same model on the same batches again (as at each pruning event), and
+    the model, its modes and the random stream left as they were."""
+    model, batches = copy.deepcopy(synthetic[0]), synthetic[1]
+    model.train()
+    model.roi_heads.eval()  # mixed modes: each module's must come back as it was
+    groups = find_groups(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    flags = [p.requires_grad for p in model.parameters()]
+    hooks = _hooks(model)
+    rng = torch.get_rng_state()
+
+    criterion = build(name, **QUICK.get(name, {}))
+    assert criterion.data in DATA_NEEDS
+
+    def score():
+        stats = None
         if criterion.data != "none":
-            continue  # scored from collected statistics: tested with the collector
-        scores = criterion.score(model, groups)
-        assert list(scores) == [g.name for g in groups], name
-        for group in groups:
-            s = scores[group.name]
-            assert s.shape == (group.size,) and s.dtype == torch.float32, (name, group.name)
-            assert torch.isfinite(s).all(), (name, group.name)
+            stats = collect_statistics(model, groups, criterion, batches, seed=0)
+        return criterion.score(model, groups, stats)
+
+    scores, again = score(), score()
+    assert list(scores) == [g.name for g in groups]
+    for group in groups:
+        s = scores[group.name]
+        assert s.shape == (group.size,) and s.dtype == torch.float32, group.name
+        assert torch.isfinite(s).all(), group.name
+        assert torch.equal(s, again[group.name]), group.name
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [m.training for m in model.modules()] == modes
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert _hooks(model) == hooks
+    assert torch.equal(torch.get_rng_state(), rng)
 
 
 @pytest.mark.parametrize("name", ["l1", "l2"])
@@ -116,6 +172,7 @@ def test_random_is_seeded():
     assert not torch.equal(a, _scores("random", model, BLOCK, seed=2))
 
 
+@pytest.mark.subprocess
 def test_random_is_the_same_in_another_process():
     group = ChannelGroup("backbone.fpn", "fpn", 16, ["p"], ["c"])
     here = build("random", seed=3).score(nn.Module(), [group])["backbone.fpn"]

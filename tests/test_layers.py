@@ -50,6 +50,7 @@ def test_every_library_module_has_a_layer_below_projects():
         assert _layer(module) < len(LAYERS) - 1, module
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("index", range(len(LAYERS) - 1), ids=[name for name, _ in LAYERS[:-1]])
 def test_a_layer_loads_nothing_above_it(index):
     own = [m for m in LIBRARY if _layer(m) == index]

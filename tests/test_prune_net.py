@@ -8,6 +8,8 @@ import torch
 
 from .conftest import CONFIG, eval_only_ap, run_tool, tiny_opts
 
+pytestmark = pytest.mark.subprocess
+
 REPORT_FIELDS = ("bbox_AP", "bbox_AP50", "params", "flops", "latency_ms")
 
 

@@ -5,6 +5,7 @@ import hashlib
 import json
 from datetime import timedelta
 
+import pytest
 import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
@@ -16,6 +17,8 @@ from d2prune.engine import PruningTrainer
 from d2prune.pruning import channel_spec
 
 from .prune_helpers import prune_cfg, tiny_dataset
+
+pytestmark = pytest.mark.ddp
 
 EVENTS = (1, 3)
 

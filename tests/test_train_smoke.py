@@ -22,12 +22,14 @@ def test_train_then_coco_evaluation(trained):
     assert (out / "inference" / "synthetic_source_val" / "coco_instances_results.json").is_file()
 
 
+@pytest.mark.subprocess
 def test_eval_only_reproduces_training_evaluation(trained):
     root, out, results = trained
     ap = eval_only_ap(root, out / "eval", out / "model_final.pth")
     assert ap == pytest.approx(results["bbox"]["AP"], abs=1e-3)
 
 
+@pytest.mark.subprocess
 def test_corrupt_dataset_is_one_line_error(tmp_path, trained):
     root, _, _ = trained
     (tmp_path / "bad.json").write_text('{"images": [], "annotations": [], "categories": [}')
@@ -41,6 +43,7 @@ def test_corrupt_dataset_is_one_line_error(tmp_path, trained):
     assert errors == [f"error: {tmp_path / 'bad.json'}: invalid JSON at line 1, column 50: Expecting value."]
 
 
+@pytest.mark.subprocess
 def test_missing_weights_is_one_line_error(tmp_path, trained):
     root, _, _ = trained
     proc = run_tool("train_net.py", "--config-file", CONFIG, "--eval-only", *tiny_opts(root, tmp_path), "MODEL.WEIGHTS", "missing.pth")
