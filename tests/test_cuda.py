@@ -16,6 +16,7 @@ from d2prune.pruning import find_groups, prune
 from d2prune.pruning.budget import Budget, select_channels
 
 from . import models
+from .exactness import silence
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -44,25 +45,6 @@ def _half_of_every_group(model, groups):
     return select_channels(groups, scores, Budget("channels", 0.5, kinds=ALL_KINDS, min_channels=1))
 
 
-def _silence(model, group, channels):
-    """Make the group's channels exactly zero wherever they are written (producers and norms)."""
-    modules = dict(model.named_modules())
-    index = torch.tensor(channels, device=next(model.parameters()).device)
-    with torch.no_grad():
-        for name in group.producers:
-            module = modules[name]
-            module.weight.index_fill_(0, index, 0.0)
-            if module.bias is not None:
-                module.bias[index] = 0.0
-            norm = getattr(module, "norm", None)
-            if norm is not None:
-                norm.weight[index] = 0.0
-                norm.bias[index] = 0.0
-        for name in group.norms:
-            modules[name].weight[index] = 0.0
-            modules[name].bias[index] = 0.0
-
-
 def _backbone(model, image):
     with torch.no_grad():
         return {k: v.double().cpu() for k, v in model.backbone(image).items()}
@@ -89,7 +71,7 @@ def test_block_pruning_is_exact_on_cuda(device, dtype, tolerance):
     keep = {}
     for group in groups:
         removed = sorted(rng.sample(range(group.size), group.size // 2))
-        _silence(model, group, removed)
+        silence(model, group, removed)
         keep[group.name] = sorted(set(range(group.size)) - set(removed))
     image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     before = _backbone(model, image)

@@ -14,11 +14,11 @@ from detectron2.modeling.backbone.resnet import BasicBlock
 from torch import nn
 
 from d2prune.errors import UserError
-from d2prune.pruning import Rule, find_groups, prune, register_rule, unregister_rule
+from d2prune.pruning import Rule, find_groups, register_rule, unregister_rule
 from d2prune.pruning.rules import rule_for
 
 from . import models
-from .test_surgery_exact import _assert_same, _removed, _run, _silence, _width_groups
+from .exactness import prune_silenced
 
 torch.set_num_threads(2)
 
@@ -80,22 +80,11 @@ def test_toy_head_groups(toy_rule):
 def test_toy_head_prunes_exactly(toy_rule):
     model = _toy_detector()
     groups = [g for g in find_groups(model) if g.kind in ("fpn", "head")]
-    rng = random.Random(0)
-    keep = {}
-    for group in groups:
-        removed = _removed(group, rng, 0.25)
-        _silence(model, group, removed)
-        keep[group.name] = sorted(set(range(group.size)) - set(removed))
-    inputs = models.images(1)
-    widths = _width_groups(model, find_groups(model))
-    before = _run(model, inputs)
-
-    prune(model, keep)
+    keep = prune_silenced(model, groups, random.Random(0))
 
     head = model.roi_heads.box_head
     assert (head.conv.out_channels, head.fc.in_features) == (24, 24 * 7 * 7)
     assert head.output_shape.channels == head.fc.out_features == len(keep["roi_heads.box_head.fc"])
-    _assert_same(before, _run(model, inputs), keep, widths)
 
 
 def test_toy_head_without_its_rule_is_refused():
