@@ -56,3 +56,34 @@ def statistics_on_two_ranks(model, groups, criterion, batches, monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     together = collect_statistics(model, groups, criterion, batches)
     return alone, together, reduced
+
+
+def hook_count(model) -> int:
+    """Forward, forward-pre and backward hooks registered on the modules of `model`."""
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+class Untouched:
+    """What scoring must leave as it found it: weights and buffers, each module's mode,
+    `requires_grad` flags, gradients, hooks and the global random state. Take it before,
+    `check()` after."""
+
+    def __init__(self, model):
+        self.model = model
+        self.state = {k: v.clone() for k, v in model.state_dict().items()}
+        self.modes = [m.training for m in model.modules()]
+        self.flags = [p.requires_grad for p in model.parameters()]
+        self.hooks = hook_count(model)
+        self.rng = torch.get_rng_state()
+
+    def check(self) -> None:
+        model = self.model
+        assert all(torch.equal(self.state[k], v) for k, v in model.state_dict().items())
+        assert [m.training for m in model.modules()] == self.modes
+        assert [p.requires_grad for p in model.parameters()] == self.flags
+        assert all(p.grad is None for p in model.parameters())
+        assert hook_count(model) == self.hooks
+        assert torch.equal(torch.get_rng_state(), self.rng)

@@ -24,7 +24,7 @@ from d2prune.pruning.groups import ChannelGroup
 
 from . import models
 from .conftest import REPO
-from .prune_helpers import prune_cfg, tiny_dataset
+from .prune_helpers import Untouched, prune_cfg, tiny_dataset
 
 torch.set_num_threads(2)
 
@@ -37,13 +37,6 @@ QUICK = {"chip": {"images": 2, "positions": 32}, "hrank": {"images": 2}}
 def _scores(name, model, group_name, **options):
     group = next(g for g in find_groups(model) if g.name == group_name)
     return build(name, **options).score(model, [group])[group_name]
-
-
-def _hooks(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +73,7 @@ def test_every_criterion_keeps_the_contract(synthetic, name):
     model.train()
     model.roi_heads.eval()  # mixed modes: each module's must come back as it was
     groups = find_groups(model)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    modes = [m.training for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    hooks = _hooks(model)
-    rng = torch.get_rng_state()
+    untouched = Untouched(model)
 
     criterion = build(name, **QUICK.get(name, {}))
     assert criterion.data in DATA_NEEDS
@@ -102,12 +91,7 @@ def test_every_criterion_keeps_the_contract(synthetic, name):
         assert s.shape == (group.size,) and s.dtype == torch.float32, group.name
         assert torch.isfinite(s).all(), group.name
         assert torch.equal(s, again[group.name]), group.name
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    assert _hooks(model) == hooks
-    assert torch.equal(torch.get_rng_state(), rng)
+    untouched.check()
 
 
 @pytest.mark.parametrize("name", ["l1", "l2"])

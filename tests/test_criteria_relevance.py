@@ -17,7 +17,7 @@ from d2prune.errors import UserError
 from d2prune.pruning import find_groups
 
 from . import models
-from .prune_helpers import statistics_on_two_ranks
+from .prune_helpers import Untouched, hook_count, statistics_on_two_ranks
 
 torch.set_num_threads(2)
 
@@ -180,13 +180,6 @@ def _score(model, groups, name, batches=None):
     return criterion.score(model, groups, stats)
 
 
-def _hooks(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
-
-
 def _with_useless_channels(model):
     """Channel DEAD of BLOCK outputs constant zero; IGNORED varies but its consumer reads none
     of it. Every other channel fires everywhere (a bias of 50 on activations scaled down to
@@ -263,20 +256,12 @@ def test_scoring_leaves_the_model_as_it_was():
         before = model.eval()(images)
     model.train()
     model.roi_heads.eval()
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    modes = [m.training for m in model.modules()]
-    flags = [p.requires_grad for p in model.parameters()]
-    hooks, rng = _hooks(model), torch.get_rng_state()
+    untouched = Untouched(model)
 
     scores = _score(model, find_groups(model), "lrp", [models.with_targets(models.images(1))])
 
     assert all(torch.isfinite(s).all() and s.std() > 0 for s in scores.values())
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
-    assert [m.training for m in model.modules()] == modes
-    assert [p.requires_grad for p in model.parameters()] == flags
-    assert all(p.grad is None for p in model.parameters())
-    assert _hooks(model) == hooks
-    assert torch.equal(torch.get_rng_state(), rng)
+    untouched.check()
     with torch.no_grad():
         after = model.eval()(images)
     for x, y in zip(before, after):
@@ -295,7 +280,7 @@ def test_relevance_maps_conserve_the_explained_score():
                 module.bias.zero_()
     names = [BLOCK] + FPN_OUTPUTS
     maps = relevance_maps(model, batch, names)
-    assert model.training and _hooks(model) == 0
+    assert model.training and hook_count(model) == 0
     assert list(maps) == names
     assert maps[BLOCK].shape == (2, 128, 8, 12)
     assert [maps[n].shape for n in FPN_OUTPUTS] == [(2, 256, 16 // 2**i, 24 // 2**i) for i in range(4)]
@@ -309,7 +294,7 @@ def test_relevance_maps_conserve_the_explained_score():
         relevance_maps(model, batch[:1], ["proposal_generator.rpn_head.conv"])
     with pytest.raises(UserError, match="no module named backbone.nope"):
         relevance_maps(model, batch, ["backbone.nope"])
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
 
 
 def test_relevance_criteria_need_ground_truth(faster_rcnn):
@@ -318,4 +303,4 @@ def test_relevance_criteria_need_ground_truth(faster_rcnn):
         assert build(name).data == "targets"
         with pytest.raises(UserError, match="need ground-truth boxes"):
             collect_statistics(model, groups, build(name), [models.images(2)])
-    assert _hooks(model) == 0
+    assert hook_count(model) == 0
