@@ -1,6 +1,6 @@
 """Rules for detectron2's ResNet/ResNeXt backbone (stem, residual blocks) and its FPN.
 
-Each rule says which channels its module couples (DESIGN.md section 4) and which widths
+Each rule says which channels its module couples (docs/design.md, "Couplings") and which widths
 detectron2 caches on it.
 """
 
