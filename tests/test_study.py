@@ -5,9 +5,11 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
+import torch
 
 from d2prune.config import separate_overrides, strip_separator
 from d2prune.data.synthetic import generate
@@ -15,7 +17,7 @@ from d2prune.errors import UserError
 from projects.study import report
 from projects.study import runner as study
 
-from .conftest import REPO, run_tool, tiny_opts
+from .conftest import CONFIG, REPO, run_tool, tiny_opts
 
 
 def test_plan_runs_baselines_first_and_every_cell_once():
@@ -230,3 +232,40 @@ def test_a_tiny_study_end_to_end(trained, tmp_path):
     again = run_tool("study.py", *args)
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
     assert len(study.load_results(str(out))) == 2
+
+
+# One study run in a fresh interpreter, as `tools/study.py` starts each: the RNGs start unseeded.
+ONE_RUN = """
+import json, sys
+import torch
+from projects.study.runner import Job, run_job
+config, out, datasets, opts, seed = sys.argv[1:]
+run_job(config, Job(None, 0.0, int(seed), 4), out, json.loads(datasets), json.loads(opts))
+state = torch.load(out + "/model_final.pth", map_location="cpu", weights_only=True)["model"]
+torch.save(state, out + "/weights.pt")
+"""
+
+
+@pytest.mark.subprocess
+def test_a_study_run_repeats_bit_for_bit(tmp_path):
+    """The same run (seed, data, schedule, threads) twice gives the same weights, bit for bit:
+    the seed of a job must seed what it trains with (data order, new layers' init)."""
+    datasets = study.prepare_target_subsets(str(tmp_path / "data"), [4], image_size=96)
+    generate(tmp_path / "data", "target", "val", 2, image_size=96, workers=1)
+    opts = tiny_opts(tmp_path / "data", tmp_path / "unused", iters=4) + [
+        "DATASETS.TEST", "('synthetic_target_val',)", "MODEL.WEIGHTS", "",
+    ]  # fmt: skip
+    weights = []
+    for i, seed in enumerate([1, 1, 2]):
+        out = tmp_path / f"run{i}"
+        env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        proc = subprocess.run(
+            [sys.executable, "-c", ONE_RUN, CONFIG, str(out), json.dumps(datasets), json.dumps(opts), str(seed)],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        weights.append(torch.load(out / "weights.pt", weights_only=True))
+    first, again, other = weights
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first), "one seed, two different runs"
+    assert not all(torch.equal(first[k], other[k]) for k in first), "another seed, the same run"
