@@ -101,7 +101,8 @@ def test_a_spec_for_another_model_is_an_error(pruned, tmp_path):
 
 def test_a_pruned_checkpoint_missing_a_tensor_is_an_error(pruned, tmp_path):
     _, path = pruned
-    bad = _tampered(path, tmp_path, lambda c: c["model"].pop("roi_heads.box_head.fc1.bias"))
+    # A pruned checkpoint keeps its weights beside the spec (see PrunedCheckpointer).
+    bad = _tampered(path, tmp_path, lambda c: c["d2prune"]["model"].pop("roi_heads.box_head.fc1.bias"))
     with pytest.raises(UserError, match="lacks tensor 'roi_heads.box_head.fc1.bias'"):
         PrunedCheckpointer(models.build_fresh(MODEL)).load(bad)
 

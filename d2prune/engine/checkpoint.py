@@ -1,7 +1,8 @@
 """A DetectionCheckpointer that carries the pruned architecture along with the weights.
 
 A pruned checkpoint stores its channel spec; loading it cuts the freshly built model to that spec
-first, and any tensor whose shape still differs is an error instead of fvcore's skip-and-warn.
+first, and any tensor whose shape still differs is an error instead of fvcore's skip-and-warn,
+except classifiers moving to another number of classes, which are re-initialised.
 Checkpoints are written atomically, so a run killed at any moment can resume from its last one.
 """
 
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..pruning import apply_spec, channel_spec
+from ..pruning.spec import class_layers
 from ..utils.io import atomic_open, atomic_write_text
 
 __all__ = ["PrunedCheckpointer", "load_model"]
@@ -34,7 +36,9 @@ _UNREADABLE = (
 
 class PrunedCheckpointer(DetectionCheckpointer):
     """Saves `checkpoint["d2prune"] = {"spec": {group: width}, "unpruned": {group: width}}` and
-    applies the spec on load.
+    applies the spec on load. A pruned model's weights go in that entry too (`["d2prune"]["model"]`,
+    no top-level "model"), so that Detectron2's own loaders refuse the file instead of skipping
+    every pruned tensor with a warning.
 
     `unpruned_spec` holds the widths of the model as its config builds it. It is set on every
     load of a pruned checkpoint (the model being loaded into is freshly built) and by whoever
@@ -42,12 +46,19 @@ class PrunedCheckpointer(DetectionCheckpointer):
     lets a load into a model built from another config fail, naming the group that differs,
     instead of silently cutting that model to the checkpoint's widths.
 
+    `records_spec` says whether saves record the spec at all: a trainer that does not prune
+    turns it off, so that models d2prune cannot trace train like in plain Detectron2; loading a
+    pruned checkpoint turns it on again.
+
     Checkpoints without a spec (model zoo `.pkl`, ImageNet weights, plain `.pth`) load into the
     model as it is, with Detectron2's usual handling; pruning happens after such a load.
-    Files that are missing or are not checkpoints are a `UserError` naming the file.
+    A pruned checkpoint loads into a model with another number of classes: the layers whose
+    output width that number sets (`class_layers`) keep their fresh initialisation, with one
+    warning. Files that are missing or are not checkpoints are a `UserError` naming the file.
     """
 
     unpruned_spec: Optional[Dict[str, int]] = None
+    records_spec: bool = True
     _loading = "the checkpoint"  # the file being loaded, named in errors
     _last = None  # the file `last_checkpoint` named, when resuming
 
@@ -56,14 +67,23 @@ class PrunedCheckpointer(DetectionCheckpointer):
         into place; `last_checkpoint` names it only once it is complete."""
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        data = {}
+        weights = self.model.state_dict()
+        if self.records_spec:
+            # Plain dict/str/int and tensors only, so that torch.load(weights_only=True) reads it.
+            meta = data["d2prune"] = {"spec": channel_spec(self.model)}
+            if self.unpruned_spec is not None:
+                meta["unpruned"] = dict(self.unpruned_spec)
+            if meta["spec"] != self.unpruned_spec:
+                # Pruned (or not known to be unpruned): without a top-level "model", Detectron2's
+                # loaders take the file for a bare state dict and refuse it ("Unsupported type
+                # found in checkpoint! d2prune: <class 'dict'>") instead of half-loading it.
+                meta["model"], weights = weights, None
+        if weights is not None:
+            data["model"] = weights
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
-        # Plain dict/str/int only, so that torch.load(weights_only=True) reads it back.
-        data["d2prune"] = {"spec": channel_spec(self.model)}
-        if self.unpruned_spec is not None:
-            data["d2prune"]["unpruned"] = dict(self.unpruned_spec)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
@@ -124,6 +144,7 @@ class PrunedCheckpointer(DetectionCheckpointer):
                 f"{filename}: not a checkpoint that torch.load or pickle can read ({reason}); "
                 "expected a .pth written by torch.save or a Detectron2 model-zoo .pkl."
             ) from None
+        loaded = _pruned_layout(loaded)
         model = loaded.get("model") if isinstance(loaded, Mapping) else None
         if not isinstance(model, Mapping) or not any(hasattr(v, "shape") for v in model.values()):
             raise UserError(
@@ -137,30 +158,64 @@ class PrunedCheckpointer(DetectionCheckpointer):
         if meta is None:
             return super()._load_model(checkpoint)
         filename = self._loading
-        built = channel_spec(self.model)  # the model as its config builds it: loading comes first
+        try:
+            built = channel_spec(self.model)  # the model as its config builds it: loading comes first
+        except UserError as e:
+            raise UserError(f"{filename}: a pruned checkpoint, but {e}") from None
         _check_architecture(filename, meta, built)
         try:
             apply_spec(self.model, meta["spec"])
         except UserError as e:
             raise UserError(f"{filename}: {e}") from None
         self.unpruned_spec = built
+        self.records_spec = True
 
-        self._convert_ndarray_to_tensor(checkpoint["model"])
+        weights = checkpoint["model"]
+        self._convert_ndarray_to_tensor(weights)
         shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        for key, tensor in checkpoint["model"].items():
-            key = key[len("module.") :] if key.startswith("module.") else key
-            if key in shapes and tuple(tensor.shape) != shapes[key]:
-                raise UserError(
-                    f"{filename}: tensor '{key}' has shape {tuple(tensor.shape)} but the model "
-                    f"pruned to the checkpoint's channel spec expects {shapes[key]}."
-                )
+        classifiers = set(class_layers(self.model))
+        reset = []
+        for key, tensor in list(weights.items()):
+            name = key[len("module.") :] if key.startswith("module.") else key
+            if name not in shapes or tuple(tensor.shape) == shapes[name]:
+                continue
+            # A classifier of another number of classes: only its output width (dim 0) differs,
+            # the width it reads is a channel group and must match like any other.
+            if name.rpartition(".")[0] in classifiers and tuple(tensor.shape[1:]) == shapes[name][1:]:
+                del weights[key]
+                reset.append(name)
+                continue
+            raise UserError(
+                f"{filename}: tensor '{name}' has shape {tuple(tensor.shape)} but the model "
+                f"pruned to the checkpoint's channel spec expects {shapes[name]}."
+            )
+        if reset:
+            layers = sorted({name.rpartition(".")[0] for name in reset})
+            self.logger.warning(
+                "%s: the model has another number of classes than the checkpoint; %s keep their "
+                "fresh initialisation.", filename, ", ".join(layers),
+            )
         incompatible = super()._load_model(checkpoint)
+        incompatible.missing_keys[:] = [k for k in incompatible.missing_keys if k not in reset]
         if incompatible.missing_keys:
             raise UserError(
                 f"{filename}: the pruned checkpoint lacks tensor '{incompatible.missing_keys[0]}' "
                 f"(and {len(incompatible.missing_keys) - 1} more) of the model it describes."
             )
         return incompatible
+
+
+def _pruned_layout(loaded: Any) -> Any:
+    """A pruned checkpoint holds its weights in its d2prune entry; DetectionCheckpointer, seeing
+    no top-level "model", wrapped the whole file as {"model": file}: undo both."""
+    inner = loaded.get("model") if isinstance(loaded, Mapping) else None
+    meta = inner.get("d2prune") if isinstance(inner, Mapping) else None
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("model"), Mapping):
+        return loaded
+    loaded = dict(inner)
+    loaded["d2prune"] = dict(meta)
+    loaded["model"] = loaded["d2prune"].pop("model")
+    return loaded
 
 
 def _check_architecture(filename: str, meta: Any, built: Mapping[str, int]) -> None:
@@ -205,10 +260,9 @@ def load_model(cfg, weights: Optional[str] = None) -> nn.Module:
     """The detector of `cfg` with `weights` (default MODEL.WEIGHTS) loaded, in eval mode.
 
     A pruned checkpoint cuts the freshly built model to its channel spec first, so the pruned
-    architecture is what comes back; any tensor whose shape still differs is an error.
+    architecture is what comes back; any tensor whose shape still differs is an error, except
+    classifiers of another number of classes, which keep their fresh initialisation.
     """
     model = build_model(cfg)
-    checkpointer = PrunedCheckpointer(model)
-    checkpointer.unpruned_spec = channel_spec(model)
-    checkpointer.load(cfg.MODEL.WEIGHTS if weights is None else weights)
+    PrunedCheckpointer(model).load(cfg.MODEL.WEIGHTS if weights is None else weights)
     return model.eval()

@@ -2,7 +2,6 @@
 COCO evaluation with or without detectron2's C++ ops, a run summary, and pruning while training.
 """
 
-import json
 import logging
 import os
 import time
@@ -17,7 +16,7 @@ from ..compat import coco_eval_use_fast_impl
 from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec
-from ..utils.io import atomic_write_text
+from ..utils.io import write_json
 from ..utils.modules import unwrap
 from .checkpoint import PrunedCheckpointer
 from .pruning_hook import PruningHook, carry_over
@@ -53,7 +52,7 @@ class RunSummary(HookBase):
             "train_seconds": round(time.perf_counter() - self._start_time, 1),
             "results": compat.last_eval_results(self.trainer) or {},
         }
-        atomic_write_text(self._path, json.dumps(summary, indent=2, default=float))
+        write_json(self._path, summary)
 
 
 class _NoTracebackForUserErrors(logging.Filter):
@@ -129,8 +128,13 @@ class Trainer(DefaultTrainer):
         self.checkpointer = PrunedCheckpointer(
             self.checkpointer.model, self.cfg.OUTPUT_DIR, **self.checkpointer.checkpointables
         )
-        # The model is as the config builds it until the first load or pruning event.
-        self.checkpointer.unpruned_spec = channel_spec(unwrap(self.model))
+        if self.cfg.PRUNE.ENABLED:
+            # The model is as the config builds it until the first load or pruning event.
+            self.checkpointer.unpruned_spec = channel_spec(unwrap(self.model))
+        else:
+            # Training needs no channel groups: a model d2prune cannot prune trains too. Loading
+            # a pruned checkpoint makes the checkpointer record its spec again.
+            self.checkpointer.records_spec = False
         # After EvalHook, so that the final evaluation is in the summary.
         return super().build_hooks() + [RunSummary(self.cfg.OUTPUT_DIR)]
 

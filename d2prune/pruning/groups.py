@@ -115,7 +115,7 @@ class GroupBuilder:
         raise UserError(
             f"d2prune cannot trace channels through '{self.names.get(module, '?')}' "
             f"({type(module).__name__}); supported are ResNet/ResNeXt(-FPN) backbones with "
-            "RPN, standard or Res5 ROI box/mask heads, and RetinaNet heads."
+            "RPN, standard, Cascade or Res5 ROI box/mask/keypoint heads, and RetinaNet heads."
         )
 
     # -- helpers for rules --------------------------------------------------------------------

@@ -19,14 +19,18 @@ def pack_checkpoint(source: str, destination: str, meta: Mapping) -> dict:
     if not os.path.isfile(source):
         raise UserError(f"{source}: checkpoint not found.")
     checkpoint = torch.load(source, map_location="cpu", weights_only=False)
-    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+    # A pruned checkpoint keeps its weights in its d2prune entry (see PrunedCheckpointer.save).
+    pruned = dict(checkpoint.get("d2prune", {})) if isinstance(checkpoint, dict) else {}
+    weights = checkpoint.get("model", pruned.get("model")) if isinstance(checkpoint, dict) else None
+    if weights is None:
         raise UserError(f"{source}: not a detectron2 checkpoint (no 'model' entry).")
-    model = {
-        k: v.half() if torch.is_floating_point(v) else v for k, v in checkpoint["model"].items()
-    }
-    packed = {"model": model, "meta": dict(meta, iteration=checkpoint.get("iteration"))}
-    if "d2prune" in checkpoint:
-        packed["d2prune"] = checkpoint["d2prune"]
+    model = {k: v.half() if torch.is_floating_point(v) else v for k, v in weights.items()}
+    packed = {"d2prune": pruned} if pruned else {}  # first: what Detectron2 names in its refusal
+    if "model" in pruned:
+        pruned["model"] = model
+    else:
+        packed["model"] = model
+    packed["meta"] = dict(meta, iteration=checkpoint.get("iteration"))
     with atomic_open(destination, "wb") as f:
         torch.save(packed, f)
     return packed["meta"]

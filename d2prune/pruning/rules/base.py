@@ -4,7 +4,7 @@ A rule tells `find_groups` which channel spaces a module creates and couples, an
 how to refresh the widths detectron2 caches on that module once its layers have been sliced.
 """
 
-from typing import TYPE_CHECKING, Dict, Optional, TypeVar
+from typing import TYPE_CHECKING, Dict, Optional, Tuple, TypeVar
 
 from torch import nn
 
@@ -25,10 +25,13 @@ class Rule:
     submodules to their own rules (`graph.trace`) and returns the spaces it outputs. Rules with
     `reads_features` are the entry points: `find_groups` calls `trace(graph, module, features)`
     on every such module of the model, with the backbone's output spaces by feature name.
-    `sync(module)` runs after surgery, children first.
+    `sync(module)` runs after surgery, children first. `class_layers` names the module's child
+    layers whose output width is set by the number of classes (a classifier): a checkpoint moving
+    to a task with other classes re-initialises them.
     """
 
     reads_features = False
+    class_layers: Tuple[str, ...] = ()
 
     def trace(self, graph: "GroupBuilder", module: nn.Module, *spaces):
         raise NotImplementedError

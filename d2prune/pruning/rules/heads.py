@@ -1,4 +1,5 @@
-"""Rules for detectron2's heads: RPN, standard and Res5 ROI heads (box and mask), RetinaNet.
+"""Rules for detectron2's heads: RPN, standard, Cascade and Res5 ROI heads (box, mask and
+keypoint), RetinaNet.
 
 The heads are the entry points of discovery (`reads_features`): each reads backbone features.
 """
@@ -8,11 +9,13 @@ from typing import Dict
 from detectron2.modeling.meta_arch.retinanet import RetinaNetHead
 from detectron2.modeling.proposal_generator.rpn import RPN, StandardRPNHead
 from detectron2.modeling.roi_heads import (
+    CascadeROIHeads,
     FastRCNNConvFCHead,
     FastRCNNOutputLayers,
     Res5ROIHeads,
     StandardROIHeads,
 )
+from detectron2.modeling.roi_heads.keypoint_head import KRCNNConvDeconvUpsampleHead
 from detectron2.modeling.roi_heads.mask_head import MaskRCNNConvUpsampleHead
 from torch import nn
 
@@ -43,13 +46,23 @@ class StandardROIHeadsRule(Rule):
     reads_features = True
 
     def trace(self, graph, roi_heads: StandardROIHeads, features: Dict[str, int]) -> None:
-        x = graph.trace(roi_heads.box_head, graph.shared(features, roi_heads.box_in_features))
-        graph.trace(roi_heads.box_predictor, x)
+        self.trace_box(graph, roi_heads, graph.shared(features, roi_heads.box_in_features))
         if roi_heads.mask_on:
             graph.trace(roi_heads.mask_head, graph.shared(features, roi_heads.mask_in_features))
         if roi_heads.keypoint_on:
             x = graph.shared(features, roi_heads.keypoint_in_features)
             graph.trace(roi_heads.keypoint_head, x)
+
+    def trace_box(self, graph, roi_heads: StandardROIHeads, x: int) -> None:
+        graph.trace(roi_heads.box_predictor, graph.trace(roi_heads.box_head, x))
+
+
+@register_rule(CascadeROIHeads)
+class CascadeROIHeadsRule(StandardROIHeadsRule):
+    def trace_box(self, graph, roi_heads: CascadeROIHeads, x: int) -> None:
+        # One box head and predictor per stage, each reading the pooled pyramid afresh.
+        for head, predictor in zip(roi_heads.box_head, roi_heads.box_predictor):
+            graph.trace(predictor, graph.trace(head, x))
 
 
 @register_rule(FastRCNNConvFCHead)
@@ -68,6 +81,9 @@ class FastRCNNConvFCHeadRule(Rule):
 
 @register_rule(FastRCNNOutputLayers)
 class FastRCNNOutputLayersRule(Rule):
+    # bbox_pred is one box per class unless CLS_AGNOSTIC_BBOX_REG.
+    class_layers = ("cls_score", "bbox_pred")
+
     def trace(self, graph, predictor: FastRCNNOutputLayers, x: int) -> None:
         graph.consume(x, predictor.cls_score)
         graph.consume(x, predictor.bbox_pred)
@@ -75,8 +91,17 @@ class FastRCNNOutputLayersRule(Rule):
 
 @register_rule(MaskRCNNConvUpsampleHead)
 class MaskRCNNConvUpsampleHeadRule(Rule):
+    class_layers = ("predictor",)  # one mask per class unless CLS_AGNOSTIC_MASK
+
     def trace(self, graph, head: MaskRCNNConvUpsampleHead, x: int) -> None:
         graph.consume(graph.chain(x, list(head)[:-1]), head[-1])
+
+
+@register_rule(KRCNNConvDeconvUpsampleHead)
+class KRCNNConvDeconvUpsampleHeadRule(Rule):
+    def trace(self, graph, head: KRCNNConvDeconvUpsampleHead, x: int) -> None:
+        # conv_fcn layers (each a head group), then score_lowres, one heatmap per keypoint.
+        graph.consume(graph.chain(x, list(head)[:-1]), head.score_lowres)
 
 
 @register_rule(Res5ROIHeads)
@@ -94,6 +119,7 @@ class Res5ROIHeadsRule(Rule):
 @register_rule(RetinaNetHead)
 class RetinaNetHeadRule(Rule):
     reads_features = True
+    class_layers = ("cls_score",)
 
     def trace(self, graph, head: RetinaNetHead, features: Dict[str, int]) -> None:
         # The features the head reads are a setting of the RetinaNet around it.
