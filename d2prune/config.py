@@ -175,16 +175,49 @@ def setup_cfg(config_file: str, opts: Sequence[str] = (), datasets: Sequence[Seq
         cfg.merge_from_file(config_file)
     except (KeyError, ValueError, TypeError, AssertionError, yaml.YAMLError) as e:
         raise UserError(f"{config_file}: {_merge_error(cfg, e)}") from None
-    try:
-        cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, TypeError, AssertionError) as e:
-        raise UserError(f"command-line options {' '.join(map(str, opts))}: {_merge_error(cfg, e)}") from None
+    opts = list(opts)
+    if len(opts) % 2:
+        raise UserError(f"command-line override {opts[-1]} has no value; overrides are KEY VALUE pairs.")
+    for key, value in zip(opts[0::2], opts[1::2]):  # one at a time, to name the pair at fault
+        try:
+            cfg.merge_from_list([key, value])
+        except (KeyError, ValueError, TypeError, AssertionError) as e:
+            raise UserError(f"command-line override {key} {value}: {_merge_error(cfg, e)}") from None
     for entry in datasets:
         cfg.DATASETS.COCO.append(list(entry))
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
         logger.info("CUDA is not available: MODEL.DEVICE %s -> cpu", cfg.MODEL.DEVICE)
         cfg.MODEL.DEVICE = "cpu"
     return cfg
+
+
+def check_run(cfg: CN, world_size: int, training: bool = True) -> None:
+    """Fail with one sentence on what detectron2 would only assert or trip over later: an
+    OUTPUT_DIR that cannot be a directory, and (when `training`) a SOLVER.IMS_PER_BATCH that the
+    `world_size` processes cannot share evenly."""
+    out = cfg.OUTPUT_DIR
+    if out:
+        if os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"OUTPUT_DIR {out}: exists and is not a directory; name a directory (it is created when missing).")
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise UserError(f"OUTPUT_DIR {out}: {parent} is a file, so no directory can be made under it.")
+    if not training:
+        return
+    batch, reference = cfg.SOLVER.IMS_PER_BATCH, cfg.SOLVER.REFERENCE_WORLD_SIZE
+    # With a reference world size, detectron2 rescales the batch by world_size / reference.
+    if reference and (batch <= 0 or batch % reference):
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {batch} must be a positive multiple of SOLVER.REFERENCE_WORLD_SIZE "
+            f"{reference}, from which detectron2 rescales it to the {world_size} processes."
+        )
+    if not reference and (batch <= 0 or batch % world_size):
+        raise UserError(
+            f"SOLVER.IMS_PER_BATCH {batch} must be a positive multiple of the number of processes "
+            f"(world size) {world_size}, since it is the total batch over all of them."
+        )
 
 
 def check_weights(cfg: CN) -> None:

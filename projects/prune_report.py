@@ -2,6 +2,7 @@
 a table of the `run_summary.json` files that training runs write (`tools/summarize.py`)."""
 
 import json
+import math
 import os
 from typing import Dict, List
 
@@ -22,8 +23,13 @@ def load_run_summary(output_dir: str) -> Dict:
         raise UserError(f"{path}: cannot be read as JSON ({e}).") from None
 
 
+def _ap_cell(value) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.1f}"
+
+
 def run_summary_table(output_dirs: List[str]) -> str:
-    """One row per run: bbox AP, AP50, iterations and training wall time."""
+    """One row per run: bbox AP, AP50, iterations and training wall time. An AP that COCO could
+    not compute (null in the summary; NaN in summaries written before) shows as '-'."""
     rows = []
     for out in output_dirs:
         s = load_run_summary(out)
@@ -31,8 +37,8 @@ def run_summary_table(output_dirs: List[str]) -> str:
         rows.append(
             [
                 out,
-                f"{bbox.get('AP', float('nan')):.1f}",
-                f"{bbox.get('AP50', float('nan')):.1f}",
+                _ap_cell(bbox.get("AP")),
+                _ap_cell(bbox.get("AP50")),
                 s["max_iter"],
                 f"{s['train_seconds'] / 60:.1f} min ({s['iterations']} it run)",
             ]

@@ -5,6 +5,8 @@ import json
 
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from PIL import Image, ImageFile
 
 from d2prune.config import setup_cfg
 from d2prune.data import register_coco, register_datasets, validate_coco_json, validate_datasets
@@ -139,3 +141,83 @@ def test_bad_config_entry(tmp_path):
 def test_json_written_by_test_is_loadable(tmp_path, coco_dict):
     json_file, _ = write_coco(tmp_path, coco_dict)
     assert json.loads(open(json_file).read())["categories"][1]["id"] == 7
+
+
+# --- image files: read from their headers -----------------------------------------------------
+
+def _exif_rotated(path, size, orientation=6, fmt="JPEG"):
+    """Save a `size` (width, height) image whose EXIF orientation tag turns it on display."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.new("RGB", size, (90, 120, 150)).save(path, fmt, exif=exif.tobytes())
+
+
+def test_unreadable_images_are_named_with_their_count(tmp_path, coco_dict):
+    json_file, root = write_coco(tmp_path, coco_dict)
+    (tmp_path / "images" / "a.png").write_bytes(b"")
+    (tmp_path / "images" / "b.png").write_text("not an image, a text file named .png")
+    with pytest.raises(UserError) as info:
+        validate_coco_json(json_file, root)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(json_file + ": ")
+    assert "2 of 3 image files under" in text and "cannot be read as images" in text
+    assert "a.png (empty file)" in text and "b.png (not an image file PIL can identify)" in text
+
+
+def test_many_unreadable_images_name_the_first_few(tmp_path, coco_dict):
+    coco_dict["images"] += [
+        {"id": 20 + i, "file_name": f"sub/bad{i}.jpg", "width": 64, "height": 48} for i in range(6)
+    ]
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    json_file, root = write_coco(tmp_path, coco_dict)
+    for i in range(6):
+        (tmp_path / "images" / "sub" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * i)
+    with pytest.raises(UserError) as info:
+        validate_coco_json(json_file, root)
+    text = str(info.value)
+    assert "6 of 9 image files under" in text
+    assert "sub/bad0.jpg" in text and "sub/bad2.jpg" in text and "sub/bad3.jpg" not in text
+    assert "and 3 more" in text and "\n" not in text
+
+
+def test_size_mismatch_is_refused_with_the_fix(tmp_path, coco_dict):
+    json_file, root = write_coco(tmp_path, coco_dict)
+    Image.new("RGB", (80, 48)).save(tmp_path / "images" / "b.png")  # re-exported wider
+    with pytest.raises(UserError) as info:
+        validate_coco_json(json_file, root)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(json_file + ": ")
+    assert "1 of 3 images differ in size from their width/height in the json" in text
+    assert "b.png is 80 x 48 (width x height) but the json says 64 x 48" in text
+    assert "write each image's real width and height into the json" in text
+
+
+@pytest.mark.parametrize("fmt,suffix", [("JPEG", "jpg"), ("PNG", "png")])
+def test_exif_orientation_counts_as_detectron2_reads_it(tmp_path, coco_dict, fmt, suffix):
+    """A photo stored 64 x 48 with orientation 6 (turned 90 degrees) is 48 x 64 to detectron2."""
+    coco_dict["images"] = [{"id": 10, "file_name": f"turned.{suffix}", "width": 48, "height": 64}]
+    coco_dict["annotations"] = [
+        {"id": 1, "image_id": 10, "category_id": 3, "bbox": [4, 4, 20, 40], "area": 800, "iscrowd": 0}
+    ]
+    json_file, root = write_coco(tmp_path, coco_dict, with_images=False)
+    path = tmp_path / "images" / f"turned.{suffix}"
+    _exif_rotated(path, (64, 48), fmt=fmt)
+    assert read_image(str(path)).shape[:2] == (64, 48)  # height, width as detectron2 sees it
+    validate_coco_json(json_file, root)
+
+    coco_dict["images"][0].update(width=64, height=48)  # the stored size, which detectron2 never sees
+    json_file, root = write_coco(tmp_path, coco_dict, with_images=False)
+    with pytest.raises(UserError) as info:
+        validate_coco_json(json_file, root)
+    assert f"turned.{suffix} is 48 x 64 (width x height, after its EXIF orientation) but the json says 64 x 48" in str(info.value)
+
+
+def test_headers_only_no_pixels_decoded(tmp_path, coco_dict, monkeypatch):
+    json_file, root = write_coco(tmp_path, coco_dict)
+    _exif_rotated(tmp_path / "images" / "a.png", (48, 64), fmt="PNG")
+    coco_dict["images"][0].update(width=64, height=48)
+    json_file, root = write_coco(tmp_path, coco_dict, with_images=False)
+    loads = []
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: loads.append(self.filename))
+    validate_coco_json(json_file, root)
+    assert loads == []

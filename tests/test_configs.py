@@ -41,5 +41,5 @@ def test_bad_config_and_options(tmp_path):
     bad.write_text("MODEL:\n  NOT_A_KEY: 1\n")
     with pytest.raises(UserError, match=r"bad.yaml: unknown config key MODEL.NOT_A_KEY; see add_prune_config"):
         setup_cfg(str(bad))
-    with pytest.raises(UserError, match=r"command-line options SOLVER.NOPE 3: unknown config key SOLVER.NOPE; see add_prune_config"):
+    with pytest.raises(UserError, match=r"command-line override SOLVER.NOPE 3: unknown config key SOLVER.NOPE; see add_prune_config"):
         setup_cfg(str(REPO / "configs/synthetic/faster_rcnn_R18_FPN_source.yaml"), ["SOLVER.NOPE", "3"])

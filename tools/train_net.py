@@ -15,14 +15,15 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2prune.compat import launch
-from d2prune.config import check_weights, setup_cfg
+from d2prune.config import check_run, check_weights, setup_cfg
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.engine import PrunedCheckpointer, PruningTrainer, Trainer
-from d2prune.errors import exit_on_user_error
+from d2prune.errors import UserError, exit_on_user_error
 
 
 def setup(args):
     cfg = setup_cfg(args.config_file, args.opts, args.dataset)
+    check_run(cfg, comm.get_world_size(), training=not args.eval_only)
     cfg.freeze()
     default_setup(cfg, args)
     # Pruning events and checks log under d2prune, as detectron2 projects log under their name.
@@ -33,14 +34,17 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     register_datasets(cfg)
-    validate_datasets(cfg)
     if args.eval_only:
+        if not cfg.DATASETS.TEST:
+            raise UserError("--eval-only evaluates on DATASETS.TEST, which is empty; name a registered dataset there.")
+        validate_datasets(cfg, cfg.DATASETS.TEST)  # the training sets need not even exist
         check_weights(cfg)
         model = Trainer.build_model(cfg)
         PrunedCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
+    validate_datasets(cfg)
     if not (args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"))):
         check_weights(cfg)  # otherwise training resumes from the checkpoint last_checkpoint names
     trainer = (PruningTrainer if cfg.PRUNE.ENABLED else Trainer)(cfg)
@@ -50,6 +54,12 @@ def main(args):
 
 def guarded_main(args):
     return exit_on_user_error(main, args)
+
+
+def check_before_launch(args):
+    """The config faults every process would meet, stated once before any process starts."""
+    cfg = setup_cfg(args.config_file, args.opts, args.dataset)
+    check_run(cfg, args.num_gpus * args.num_machines, training=not args.eval_only)
 
 
 def argument_parser():
@@ -68,6 +78,7 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
+    exit_on_user_error(check_before_launch, args)
     exit_on_user_error(
         launch,
         guarded_main,

@@ -6,10 +6,14 @@ import json
 import logging
 import os
 from collections import Counter
-from typing import Dict, Iterable, List, Optional, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
+from detectron2.utils import comm
+from PIL import Image
+from tqdm import tqdm
 
 from ..errors import UserError
 
@@ -19,6 +23,12 @@ logger = logging.getLogger(__name__)
 # beyond it the box is taken for a wrong coordinate convention or a mixed-up image.
 BOX_SLACK = 0.05
 REQUIRED_KEYS = ("images", "annotations", "categories")
+# EXIF orientations that turn an image by 90 degrees: detectron2's read_image applies them, so
+# the image it trains on has the stored width and height swapped.
+_EXIF_ORIENTATION = 0x0112
+_TURNED = (5, 6, 7, 8)
+# Files named in an error about image files; the rest are counted.
+_NAMED = 3
 
 
 def _duplicate(ids: Iterable) -> Optional[object]:
@@ -26,12 +36,84 @@ def _duplicate(ids: Iterable) -> Optional[object]:
     return next((i for i, n in counts.items() if n > 1), None)
 
 
+def image_size(path: str) -> Union[Tuple[int, int, bool], str]:
+    """(width, height, turned) of the image at `path` as detectron2's `read_image` will see it,
+    read from the file's header without decoding the pixels; or why the file cannot be read.
+
+    `turned` says that an EXIF orientation swapped the stored width and height.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                # Image.getexif reads the metadata already parsed from the header; PNG's own
+                # override decodes the whole image to look for an eXIf chunk after the pixels.
+                orientation = Image.Image.getexif(image).get(_EXIF_ORIENTATION)
+            except Exception:  # detectron2 ignores unreadable EXIF too (its issue 1885)
+                orientation = None
+    except Image.UnidentifiedImageError:
+        return "not an image file PIL can identify"
+    except Exception as e:  # noqa: BLE001 -- whatever stops PIL here stops training later
+        return f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if orientation in _TURNED:
+        return height, width, True
+    return width, height, False
+
+
+def _named(items: List[str], total: int) -> str:
+    more = f" and {total - _NAMED} more" if total > _NAMED else ""
+    return ", ".join(items[:_NAMED]) + more
+
+
+def check_image_headers(json_file: str, image_root: str, images: List[Dict], workers: int = 8) -> None:
+    """Refuse image files that PIL cannot open, and images whose size (after EXIF orientation)
+    differs from the width/height the json gives them, naming the first few and the count.
+
+    Only headers are read, in `workers` threads (reading is mostly waiting on the disk), with a
+    progress bar on the main process when it takes more than a second.
+    """
+    paths = [os.path.join(image_root, img["file_name"]) for img in images]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        sizes = list(
+            tqdm(
+                pool.map(image_size, paths, chunksize=64),
+                total=len(paths),
+                desc=f"reading image headers of {os.path.basename(json_file)}",
+                unit="img",
+                delay=1.0,
+                disable=not comm.is_main_process(),
+            )
+        )
+    unreadable = [f"{img['file_name']} ({size})" for img, size in zip(images, sizes) if isinstance(size, str)]
+    if unreadable:
+        raise UserError(
+            f"{json_file}: {len(unreadable)} of {len(images)} image files under {image_root} cannot be "
+            f"read as images: {_named(unreadable, len(unreadable))}; replace or remove them (and their "
+            "entries in the json)."
+        )
+    wrong = [
+        (img, size) for img, size in zip(images, sizes) if (img["width"], img["height"]) != tuple(size[:2])
+    ]
+    if wrong:
+        img, (width, height, turned) = wrong[0]
+        how = "width x height, after its EXIF orientation" if turned else "width x height"
+        raise UserError(
+            f"{json_file}: {len(wrong)} of {len(images)} images differ in size from their width/height "
+            f"in the json, e.g. {img['file_name']} is {width} x {height} ({how}) but the json says "
+            f"{img['width']} x {img['height']}; write each image's real width and height into the json "
+            "if its boxes were drawn on these files, or re-export the json from the images it was drawn on."
+        )
+
+
 def validate_coco_json(json_file: str, image_root: Optional[str] = None) -> Dict:
     """Check a COCO detection file and return its parsed content.
 
     Raises `UserError` on the first fault found: missing file, invalid JSON, missing top-level
     keys, duplicate ids, annotations of unknown images or categories, boxes with non-positive
-    size or far outside their image, and (when `image_root` is given) image files missing on disk.
+    size or far outside their image, and (when `image_root` is given) image files missing on disk,
+    unreadable, or of another size than the json says (see `check_image_headers`).
     Non-contiguous category ids and images without annotations are valid.
     """
     if not os.path.isfile(json_file):
@@ -65,6 +147,17 @@ def validate_coco_json(json_file: str, image_root: Optional[str] = None) -> Dict
     if not categories:
         raise UserError(f"{json_file}: 'categories' is empty; a detection dataset needs at least one.")
 
+    if image_root is not None:
+        if not os.path.isdir(image_root):
+            raise UserError(f"{image_root}: image root of {json_file} is not a directory.")
+        absent = [img["file_name"] for img in images if not os.path.isfile(os.path.join(image_root, img["file_name"]))]
+        if absent:
+            raise UserError(
+                f"{json_file}: {len(absent)} of {len(images)} image files missing under "
+                f"{image_root}, e.g. {absent[0]}."
+            )
+        check_image_headers(json_file, image_root, images)
+
     image_by_id = {img["id"]: img for img in images}
     category_ids = {c["id"] for c in categories}
     for ann in annotations:
@@ -90,15 +183,6 @@ def validate_coco_json(json_file: str, image_root: Optional[str] = None) -> Dict
                 f"{W} x {H} image {img['file_name']}."
             )
 
-    if image_root is not None:
-        if not os.path.isdir(image_root):
-            raise UserError(f"{image_root}: image root of {json_file} is not a directory.")
-        absent = [img["file_name"] for img in images if not os.path.isfile(os.path.join(image_root, img["file_name"]))]
-        if absent:
-            raise UserError(
-                f"{json_file}: {len(absent)} of {len(images)} image files missing under "
-                f"{image_root}, e.g. {absent[0]}."
-            )
     return data
 
 

@@ -5,7 +5,6 @@ ordinary trainer, so a pruned model is trained exactly as it will later be reloa
 """
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from ..config import check_prune_config
 from ..errors import UserError
 from ..pruning import channel_spec, find_groups, prune
 from ..pruning.budget import Budget
-from ..utils.io import atomic_write_text
+from ..utils.io import write_json
 from .checkpoint import PrunedCheckpointer
 from .selection import build_criterion, check_budget, choose_keep, sample_inputs
 from .trainer import Trainer, build_coco_evaluator
@@ -129,7 +128,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
 
     if finetune_iters > 0:
         report["finetuned"] = finetune(cfg, pruned_path, output_dir, finetune_iters, report["after"])
-    atomic_write_text(os.path.join(output_dir, "report.json"), json.dumps(report, indent=2) + "\n")
+    write_json(os.path.join(output_dir, "report.json"), report)
     return report
 
 

@@ -1,6 +1,8 @@
 """Atomic file writes: a crash leaves either the old file or the new one, never half of one."""
 
 import contextlib
+import json
+import math
 import os
 import secrets
 from typing import IO, Iterator
@@ -63,3 +65,21 @@ def _fsync_folder(folder: str) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def json_safe(value):
+    """`value` in plain JSON types, with null for NaN and infinities: COCO gives AP NaN when
+    nothing was detected, and strict JSON parsers refuse a bare NaN."""
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (str, bool, int)) or value is None:
+        return value
+    value = float(value)  # numpy and torch scalars too
+    return value if math.isfinite(value) else None
+
+
+def write_json(path: str, value) -> None:
+    """`value` as strict JSON (`json_safe`), indented, written atomically to `path`."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n")
