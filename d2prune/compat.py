@@ -205,12 +205,14 @@ def last_eval_results(trainer) -> Optional[dict]:
 
 
 def replace_optimizer_and_model(trainer, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """Make a `DefaultTrainer` train `model` (a new DDP wrapper, say) with `optimizer`, including
-    the hooks that cached the old ones in `before_train` (LRScheduler, PreciseBN)."""
+    """Make a `DefaultTrainer`, `SimpleTrainer` or `AMPTrainer` train `model` (a new DDP wrapper,
+    say) with `optimizer`, including the hooks that cached the old ones in `before_train`
+    (LRScheduler, PreciseBN)."""
     from detectron2.engine import hooks
 
-    trainer._trainer.optimizer = optimizer
-    trainer._trainer.model = model
+    # DefaultTrainer forwards both attributes to its SimpleTrainer (v0.6 and main).
+    trainer.optimizer = optimizer
+    trainer.model = model
     for hook in trainer._hooks:
         if isinstance(hook, hooks.LRScheduler):
             hook._optimizer = optimizer

@@ -1,12 +1,13 @@
 """The training hook that prunes on the PRUNE schedule: score, choose, cut, keep training.
 
-Each event runs on every rank in `after_step`; the trainer then rebuilds what held the old
-tensors (optimizer, LR scheduler, DDP wrapper), and a pruned checkpoint records the new shape.
+Each event runs on every rank in `after_step`, on any detectron2 trainer (d2prune's `Trainer`,
+or a `SimpleTrainer`/`AMPTrainer` loop configured from a LazyConfig, see `engine/lazy.py`); the
+optimizer, LR scheduler and DDP wrapper then move to the new tensors (`install_optimizer`),
+and a pruned checkpoint records the new shape.
 """
 
 import copy
 import hashlib
-import itertools
 import json
 import logging
 import time
@@ -25,9 +26,10 @@ from ..pruning import channel_spec, find_groups, prune
 from ..pruning.budget import Budget
 from ..pruning.schedule import PruningSchedule
 from ..utils.modules import unwrap
+from .scoring import ScoringBatches
 from .selection import build_criterion, check_budget, choose_keep, sample_inputs
 
-__all__ = ["PruningHook", "cut", "sliced_optimizer_state"]
+__all__ = ["PruningHook", "cut", "install_optimizer", "sliced_optimizer_state"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,35 @@ class PruningHook(HookBase):
     """Prunes the trainer's model at the iterations of the PRUNE schedule.
 
     At event k it removes channels until the share of the unpruned model's channels (or FLOPs)
-    given by the schedule is gone, slices the optimizer's momentum to the kept channels, has
-    the trainer rebuild its optimizer, scheduler and DDP wrapper (`cut`, `Trainer.install_optimizer`),
-    saves `model_pruned_<iter>.pth`, and logs sizes to the event storage under `pruning/`.
-    Its state (events done, the unpruned widths and FLOPs) travels in the checkpoints.
+    given by the schedule is gone, slices the optimizer's momentum to the kept channels, moves
+    the trainer onto the new optimizer, LR scheduler position and DDP wrapper (`cut`,
+    `install_optimizer`), saves `model_pruned_<iter>.pth`, and logs sizes to the event storage
+    under `pruning/`. Its state (events done, the unpruned widths and FLOPs) travels in the
+    checkpoints.
+
+    `cfg` is a yacs config with the PRUNE section (for a LazyConfig: `lazy.prune_config`). The
+    keyword arguments are what the event needs from the training loop; their defaults are
+    d2prune's `Trainer`'s:
+        build_optimizer(model): an optimizer for the model's current parameters
+            (default: the trainer's `build_optimizer(cfg, model)`);
+        checkpointer: the `PrunedCheckpointer` that saves the pruned checkpoints (the trainer's);
+        evaluate(model): evaluation results, for PRUNE.EVAL_AT_EVENTS (the trainer's `test`);
+        scoring: `ScoringBatches` for data-driven criteria (from DATASETS.TRAIN with the default
+            `DatasetMapper`; never built for a weight-only criterion);
+        ddp: keyword arguments of `create_ddp_model` for the new wrapper (broadcast_buffers=False,
+            as DefaultTrainer).
     """
 
-    def __init__(self, cfg):
+    def __init__(
+        self,
+        cfg,
+        *,
+        build_optimizer: Optional[Callable[[nn.Module], torch.optim.Optimizer]] = None,
+        checkpointer=None,
+        evaluate: Optional[Callable[[nn.Module], dict]] = None,
+        scoring: Optional[ScoringBatches] = None,
+        ddp: Optional[dict] = None,
+    ):
         p = cfg.PRUNE
         self.cfg = cfg
         budget = Budget.from_config(cfg)
@@ -51,9 +75,25 @@ class PruningHook(HookBase):
             p.SCHEDULE, budget.amount, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
         )
         self.criterion = build_criterion(cfg)
+        if scoring is None and self.criterion.data != "none":
+            scoring = ScoringBatches.from_config(cfg)
+        self.scoring = scoring
+        self._build_optimizer = build_optimizer
+        self._checkpointer = checkpointer
+        self._evaluate_fn = evaluate
+        self.ddp = {"broadcast_buffers": False} if ddp is None else dict(ddp)
         self.events_done = 0
         self.original_spec = None  # widths before the first event
         self.original_flops = None  # detector FLOPs at test size then, for FLOPS_REDUCTION
+
+    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        if self._build_optimizer is not None:
+            return self._build_optimizer(model)
+        return self.trainer.build_optimizer(self.cfg, model)
+
+    @property
+    def checkpointer(self):
+        return self._checkpointer if self._checkpointer is not None else self.trainer.checkpointer
 
     def before_train(self):
         model = unwrap(self.trainer.model)
@@ -85,25 +125,26 @@ class PruningHook(HookBase):
 
         model = unwrap(trainer.model)
         start = time.perf_counter()
-        # Batches come from the training stream (every rank its own shard); weight-only
-        # criteria never draw from it, so their runs see the same data as without pruning.
-        batches = itertools.islice(compat.training_data_iter(trainer), cfg.PRUNE.SCORE_BATCHES)
+        # Data-driven criteria score on batches of their own, chosen by the event's index: the
+        # same on a resumed run, and the training stream is not moved on. Weight-only criteria
+        # build none.
+        batches = self.scoring(self.events_done) if self.criterion.data != "none" else None
         keep = choose_keep(
             cfg, model, self.criterion, batches,
             amount=self.schedule.targets[self.events_done],
             original=self.original_spec, original_flops=self.original_flops,
         )
         score_seconds = time.perf_counter() - start
+        if batches is not None:
+            logger.info("scoring batches of event %d: dataset and sampler built in %.3f s", index, self.scoring.build_seconds)
         check_same_on_all_ranks(keep)
 
         before, params_before = channel_spec(model), count_params(model)
-        trainer.install_optimizer(
-            cut(model, trainer.optimizer, keep, lambda m: trainer.build_optimizer(cfg, m))
-        )
+        install_optimizer(trainer, cut(model, trainer.optimizer, keep, self.build_optimizer), **self.ddp)
         self.events_done += 1
         comm.synchronize()
 
-        trainer.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
+        self.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
         self._log(index, total, iteration, model, before, params_before, score_seconds)
         if cfg.PRUNE.EVAL_AT_EVENTS:
             self._evaluate("after")
@@ -148,7 +189,10 @@ class PruningHook(HookBase):
         )
 
     def _evaluate(self, when: str) -> None:
-        results = self.trainer.test(self.cfg, self.trainer.model)
+        if self._evaluate_fn is not None:
+            results = self._evaluate_fn(self.trainer.model)
+        else:
+            results = self.trainer.test(self.cfg, self.trainer.model)
         if comm.is_main_process():
             flat = flatten_results_dict(results)
             self.trainer.storage.put_scalars(
@@ -175,6 +219,14 @@ class PruningHook(HookBase):
         self.events_done = state_dict["events_done"]
         self.original_spec = state_dict["original_spec"]
         self.original_flops = state_dict["original_flops"]
+        # A SimpleTrainer loads its hooks' state before its optimizer's: an optimizer built for
+        # the model as first built must first follow the model that a pruned checkpoint cut.
+        # (d2prune's Trainer has done so already.)
+        model = unwrap(self.trainer.model)
+        held = {id(p) for group in self.trainer.optimizer.param_groups for p in group["params"]}
+        if held != {id(p) for p in model.parameters() if p.requires_grad}:
+            optimizer = carry_over(self.trainer.optimizer, self.build_optimizer(model), model)
+            install_optimizer(self.trainer, optimizer, **self.ddp)
 
 
 def check_same_on_all_ranks(keep: Mapping[str, Sequence[int]]) -> None:
@@ -200,6 +252,31 @@ def cut(
     with torch.no_grad():
         prune(model, keep)
     return carry_over(optimizer, build_optimizer(model), model, state)
+
+
+def install_optimizer(trainer, optimizer: torch.optim.Optimizer, **ddp_kwargs) -> None:
+    """Make a detectron2 trainer (a DefaultTrainer, SimpleTrainer or AMPTrainer) train on with
+    `optimizer` (see `cut`), which holds the model's current parameters after surgery replaced
+    some of them: its LR schedulers drive the new optimizer from where they were, a new DDP
+    wrapper (`create_ddp_model(model, **ddp_kwargs)`) holds the new parameters, and the hooks
+    that cached the old optimizer or model get the new ones. The AMP grad scaler and the data
+    stay as they are.
+
+    Call it after the scheduler has stepped at least once (a pruning event does, in
+    `after_step`): torch warns when a scheduler's first step drives an optimizer it was not
+    built with.
+    """
+    model = unwrap(trainer.model)
+    schedulers = [getattr(trainer, "scheduler", None)]
+    schedulers += [h.scheduler for h in compat.trainer_hooks(trainer) if isinstance(h, hooks.LRScheduler)]
+    # `carry_over` kept the parameter groups in order with their learning rates, so the same
+    # scheduler, pointed at the new optimizer, goes on as if nothing happened. (A LazyConfig's
+    # LRScheduler hook holds a ParamScheduler until `before_train` wraps it with the optimizer.)
+    for scheduler in {id(s): s for s in schedulers if isinstance(s, torch.optim.lr_scheduler.LRScheduler)}.values():
+        scheduler.optimizer = optimizer
+    # The old DDP wrapper's reducer still points at the replaced parameters: without a new
+    # one, their successors' gradients would silently stay unsynchronised across ranks.
+    compat.replace_optimizer_and_model(trainer, optimizer, compat.create_ddp_model(model, **ddp_kwargs))
 
 
 def carry_over(

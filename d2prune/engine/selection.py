@@ -20,7 +20,7 @@ from ..pruning import find_groups
 from ..pruning.budget import Budget, select, select_channels
 from ..utils.modules import unwrap
 
-__all__ = ["build_criterion", "check_budget", "choose_keep", "sample_inputs"]
+__all__ = ["build_criterion", "check_budget", "choose_keep", "keep_sets", "sample_inputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +34,12 @@ def sample_inputs(cfg, model):
     """Random inputs at the config's test resolution: a detectron2 batch of one square image,
     and the normalised tensor the backbone alone takes (side padded to FPN's multiple of 32)."""
     side = cfg.INPUT.MIN_SIZE_TEST
+    return _dummy_batch(model, side), dummy_tensor(-(-side // 32) * 32).to(next(model.parameters()).device)
+
+
+def _dummy_batch(model: nn.Module, side: int) -> List[dict]:
     device = next(model.parameters()).device
-    batch = [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side)]
-    return batch, dummy_tensor(-(-side // 32) * 32).to(device)
+    return [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side)]
 
 
 def check_budget(cfg, model: nn.Module, original: Optional[Mapping[str, int]] = None) -> None:
@@ -77,22 +80,41 @@ def choose_keep(
     budget = Budget.from_config(cfg)
     if amount is not None:
         budget = budget.with_amount(amount)
-    model = unwrap(model)
+    if criterion.data != "none" and batches is None:
+        raise UserError(f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training batches to score channels.")
     start = time.perf_counter()
+    keep = keep_sets(
+        model, criterion, budget, batches, original=original, original_flops=original_flops,
+        image_size=cfg.INPUT.MIN_SIZE_TEST,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    logger.info("Scored and selected channels with %s in %.2f s", cfg.PRUNE.CRITERION, seconds)
+    return keep
+
+
+def keep_sets(
+    model: nn.Module,
+    criterion: criteria.Criterion,
+    budget: Budget,
+    batches: Optional[Iterable[List[dict]]] = None,
+    *,
+    original: Optional[Mapping[str, int]] = None,
+    original_flops: Optional[float] = None,
+    image_size: int = 800,
+) -> Dict[str, List[int]]:
+    """`choose_keep` without a config: groups, statistics on `batches` (data-driven criteria
+    only), scores, then `budget`. A FLOPs target measures the detector on one square image of
+    `image_size` pixels."""
+    model = unwrap(model)
     groups = find_groups(model)
     stats = None
     if criterion.data != "none":
         if batches is None:
-            raise UserError(
-                f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training batches to score channels."
-            )
+            raise UserError(f"criterion '{criterion.name}' needs training batches to score channels.")
         stats = collect_statistics(model, groups, criterion, batches)
     scores = criterion.score(model, groups, stats)
-    inputs, _ = sample_inputs(cfg, model)  # seeded dummy images; only a FLOPs target measures
-    keep = select(
+    inputs = _dummy_batch(model, image_size)
+    return select(
         model, groups, scores, budget, measure=lambda m: count_flops(m, inputs)["total"],
         original=original, baseline=original_flops,
-    )
-    seconds = time.perf_counter() - start
-    logger.info("Scored and selected channels with %s in %.2f s", cfg.PRUNE.CRITERION, seconds)
-    return keep
+    )  # fmt: skip
