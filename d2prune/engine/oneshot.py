@@ -4,7 +4,6 @@ The flow behind `tools/prune_net.py`. Fine-tuning goes through the pruned checkp
 ordinary trainer, so a pruned model is trained exactly as it will later be reloaded.
 """
 
-import itertools
 import logging
 import os
 import time
@@ -13,6 +12,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
+from detectron2.utils.env import seed_all_rng
 
 from .. import criteria
 from ..complexity import count_flops, count_params, measure_latency, width_table
@@ -22,6 +22,7 @@ from ..pruning import channel_spec, find_groups, prune
 from ..pruning.budget import Budget
 from ..utils.io import write_json
 from .checkpoint import PrunedCheckpointer
+from .scoring import ScoringBatches
 from .selection import build_criterion, check_budget, choose_keep, sample_inputs
 from .trainer import Trainer, build_coco_evaluator
 
@@ -74,10 +75,12 @@ def check_oneshot_config(cfg) -> criteria.Criterion:
 
 
 def scoring_batches(cfg, criterion: criteria.Criterion) -> Optional[Iterator[List[dict]]]:
-    """PRUNE.SCORE_BATCHES batches of the training loader for a data-driven criterion, else None."""
+    """For a data-driven criterion, the PRUNE.SCORE_BATCHES batches a first pruning event of a
+    training run would score on (`ScoringBatches`, seeded by SEED): the same images on every
+    run. None for a weight-only criterion."""
     if criterion.data == "none":
         return None
-    return itertools.islice(iter(Trainer.build_train_loader(cfg)), cfg.PRUNE.SCORE_BATCHES)
+    return ScoringBatches.from_config(cfg)(0)
 
 
 def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats: int = 10) -> Dict:
@@ -144,6 +147,8 @@ def finetune(cfg, weights: str, output_dir: str, iters: int, after: Dict) -> Dic
     cfg.TEST.EVAL_PERIOD = 0  # the trainer still evaluates once, at the end
     cfg.DATASETS.TEST = cfg.DATASETS.TEST[:1]
     cfg.freeze()
+    # As detectron2's default_setup does for train_net.py: SEED fixes the data order.
+    seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     result = {k: after[k] for k in ("params", "flops", "backbone_flops", "latency_ms", "backbone_latency_ms")}
