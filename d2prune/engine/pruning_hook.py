@@ -40,8 +40,8 @@ class PruningHook(HookBase):
     At event k it removes channels until the share of the unpruned model's channels (or FLOPs)
     given by the schedule is gone, slices the optimizer's momentum to the kept channels, moves
     the trainer onto the new optimizer, LR scheduler position and DDP wrapper (`cut`,
-    `install_optimizer`), saves `model_pruned_<iter>.pth`, and logs sizes to the event storage
-    under `pruning/`. Its state (events done, the unpruned widths and FLOPs) travels in the
+    `install_optimizer`), logs sizes to the event storage under `pruning/`, and saves
+    `model_pruned_<iter>.pth` last. Its state (events done, the unpruned widths and FLOPs) travels in the
     checkpoints.
 
     `cfg` is a yacs config with the PRUNE section (for a LazyConfig: `lazy.prune_config`). The
@@ -144,12 +144,14 @@ class PruningHook(HookBase):
         self.events_done += 1
         comm.synchronize()
 
-        self.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
         self._log(index, total, iteration, model, before, params_before, score_seconds)
         if cfg.PRUNE.EVAL_AT_EVENTS:
             self._evaluate("after")
         if comm.is_main_process():
             self._flush_writers()
+        # Last: a run killed before this save redoes the event when resumed (its log line and
+        # metrics come again), one killed after it has them already.
+        self.checkpointer.save(f"model_pruned_{iteration:07d}", iteration=iteration)
 
     def _log(self, index, total, iteration, model, before, params_before, score_seconds) -> None:
         """One line per event in the log (the change of each pruned kind of group and of the
