@@ -28,7 +28,7 @@ from .criteria.collector import collect_statistics
 from .criteria.information import class_information
 from .criteria.relevance import relevance_maps
 from .criteria.targets import image_positions, position_labels
-from .engine import checkpoint
+from .engine.checkpoint import PrunedCheckpointer
 from .engine.selection import build_criterion, choose_keep
 from .errors import UserError
 from .pruning import ChannelGroup, channel_spec, find_groups
@@ -159,7 +159,11 @@ def load_model(cfg) -> Tuple[nn.Module, Dict[str, int]]:
     in eval mode, and the widths the config builds it with (the unpruned spec)."""
     if not cfg.MODEL.WEIGHTS:
         logger.warning("MODEL.WEIGHTS is empty: explaining a randomly initialised model")
-    return checkpoint.load_model(cfg), channel_spec(build_model(cfg))
+    model = build_model(cfg)
+    checkpointer = PrunedCheckpointer(model)
+    checkpointer.load(cfg.MODEL.WEIGHTS)
+    # A pruned checkpoint tells the widths the config builds; any other load left them as built.
+    return model.eval(), checkpointer.unpruned_spec or channel_spec(model)
 
 
 def explanation_batches(cfg, dataset: str, num_images: int) -> List[List[dict]]:

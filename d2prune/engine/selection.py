@@ -4,6 +4,7 @@ The one selection path of d2prune: one-shot pruning (`tools/prune_net.py`) and e
 event during training (`PruningHook`) call `choose_keep`, after `check_budget`.
 """
 
+import functools
 import logging
 import time
 from typing import Dict, Iterable, List, Mapping, Optional
@@ -80,8 +81,6 @@ def choose_keep(
     budget = Budget.from_config(cfg)
     if amount is not None:
         budget = budget.with_amount(amount)
-    if criterion.data != "none" and batches is None:
-        raise UserError(f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' needs training batches to score channels.")
     start = time.perf_counter()
     keep = keep_sets(
         model, criterion, budget, batches, original=original, original_flops=original_flops,
@@ -113,8 +112,9 @@ def keep_sets(
             raise UserError(f"criterion '{criterion.name}' needs training batches to score channels.")
         stats = collect_statistics(model, groups, criterion, batches)
     scores = criterion.score(model, groups, stats)
-    inputs = _dummy_batch(model, image_size)
+    # Made only if a FLOPs target measures the model.
+    inputs = functools.cache(lambda: _dummy_batch(model, image_size))
     return select(
-        model, groups, scores, budget, measure=lambda m: count_flops(m, inputs)["total"],
+        model, groups, scores, budget, measure=lambda m: count_flops(m, inputs())["total"],
         original=original, baseline=original_flops,
     )  # fmt: skip
