@@ -19,7 +19,7 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from d2prune.config import check_weights, setup_cfg
-from d2prune.data import register_datasets, validate_datasets
+from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.errors import exit_on_user_error
 from d2prune.explain import explain_checkpoint
 
@@ -37,8 +37,7 @@ def argument_parser():
     parser.add_argument("--ratio", type=float, help="share of eligible channels the cut removes (PRUNE.RATIO)")
     parser.add_argument("--layer", metavar="GROUP_OR_MODULE", help="layer whose filters are shown (default: a mid-depth block)")
     parser.add_argument("--split", metavar="NAME", help="registered dataset to explain on (default: DATASETS.TEST[0])")
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-                        help="register a COCO-format dataset (repeatable); pick it with --split")
+    add_dataset_argument(parser, "pick it with --split")
     parser.add_argument("--images", type=int, default=32, help="annotated images to collect statistics on")
     parser.add_argument("--filters", type=int, default=4, help="most and least important filters shown")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

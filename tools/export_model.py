@@ -20,7 +20,7 @@ import torch
 from detectron2.utils.logger import setup_logger
 
 from d2prune.config import check_weights, setup_cfg
-from d2prune.data import register_datasets
+from d2prune.data import add_dataset_argument, register_datasets
 from d2prune.errors import UserError, exit_on_user_error
 from d2prune.export import (
     CLOCKS,
@@ -60,7 +60,7 @@ def argument_parser():
         help="time latency as elapsed time (wall) or as this process's CPU time (cpu, with "
         "--threads 1: unaffected by other load on a shared machine)",
     )
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
+    add_dataset_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 

@@ -14,6 +14,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from d2prune.compat import launch
+from d2prune.data import add_dataset_argument
 from d2prune.engine.lazy import do_eval, do_train, load_lazy_config, register_lazy_datasets
 from d2prune.errors import exit_on_user_error
 
@@ -34,14 +35,7 @@ def guarded_main(args):
 
 def argument_parser():
     parser = default_argument_parser()
-    parser.add_argument(
-        "--dataset",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (repeatable); same as a datasets.coco entry",
-    )
+    add_dataset_argument(parser, "same as a datasets.coco entry")
     return parser
 
 

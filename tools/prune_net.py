@@ -17,7 +17,7 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from d2prune.config import check_weights, separate_overrides, setup_cfg, strip_separator
-from d2prune.data import register_datasets, validate_datasets
+from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.engine.oneshot import prune_oneshot
 from d2prune.errors import exit_on_user_error
 
@@ -55,7 +55,7 @@ def argument_parser():
     parser.add_argument("--round-to", type=int)
     parser.add_argument("--finetune-iters", type=int, default=0, help="fine-tune the pruned model this long")
     parser.add_argument("--latency-repeats", type=int, default=10, help="timed runs per latency figure")
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"))
+    add_dataset_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
 

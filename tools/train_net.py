@@ -16,7 +16,7 @@ from detectron2.utils.logger import setup_logger
 
 from d2prune.compat import launch
 from d2prune.config import check_run, check_weights, setup_cfg
-from d2prune.data import register_datasets, validate_datasets
+from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.engine import PrunedCheckpointer, PruningTrainer, Trainer
 from d2prune.errors import UserError, exit_on_user_error
 
@@ -64,14 +64,7 @@ def check_before_launch(args):
 
 def argument_parser():
     parser = default_argument_parser()
-    parser.add_argument(
-        "--dataset",
-        nargs=3,
-        action="append",
-        default=[],
-        metavar=("NAME", "JSON", "IMAGE_ROOT"),
-        help="register a COCO-format dataset (repeatable); same as a DATASETS.COCO entry",
-    )
+    add_dataset_argument(parser)
     return parser
 
 

@@ -21,7 +21,7 @@ import sys
 from detectron2.utils.logger import setup_logger
 
 from d2prune.config import separate_overrides, setup_cfg, strip_separator
-from d2prune.data import register_datasets, validate_datasets
+from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.engine.checkpoint import load_model
 from d2prune.errors import UserError, exit_on_user_error
 
@@ -38,8 +38,7 @@ def argument_parser():
     parser.add_argument("--pruned", required=True, metavar="WEIGHTS", help="the pruned model's checkpoint")
     parser.add_argument("--output", required=True, metavar="DIR", help="where index.html and images/ go")
     parser.add_argument("--split", metavar="NAME", help="registered dataset to draw (default: DATASETS.TEST[0])")
-    parser.add_argument("--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
-                        help="register a COCO-format dataset (repeatable); pick it with --split")
+    add_dataset_argument(parser, "pick it with --split")
     parser.add_argument("--images", type=int, default=8, help="how many images, the split's first")
     parser.add_argument("--threshold", type=float, default=0.5, help="lowest score of a detection drawn")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")

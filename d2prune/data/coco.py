@@ -264,3 +264,12 @@ def validate_datasets(cfg, names: Optional[Sequence[str]] = None) -> None:
                 f"{num_classes} classes; set MODEL.ROI_HEADS.NUM_CLASSES (or MODEL.RETINANET.NUM_CLASSES) "
                 f"to {len(data['categories'])}."
             )
+
+
+def add_dataset_argument(parser, use: str = "same as a DATASETS.COCO entry") -> None:
+    """The tools' `--dataset NAME JSON IMAGE_ROOT` (repeatable): COCO-format datasets to
+    register, given to `setup_cfg` as DATASETS.COCO entries; `use` ends the help text."""
+    parser.add_argument(
+        "--dataset", nargs=3, action="append", default=[], metavar=("NAME", "JSON", "IMAGE_ROOT"),
+        help=f"register a COCO-format dataset (repeatable); {use}",
+    )  # fmt: skip
