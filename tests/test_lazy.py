@@ -90,7 +90,8 @@ def test_the_lazy_config_trains_and_prunes_on_the_cpu(run):
 
 
 @pytest.mark.slow
-def test_a_lazy_run_resumed_after_its_first_event_ends_at_the_same_model(run, tmp_path):
+def test_a_lazy_run_resumed_after_its_first_event_ends_with_the_same_architecture(run, tmp_path):
+    """Local mode: the widths, not the weights (the training data order restarts on resume)."""
     root, out, _ = run
     resumed = tmp_path / "resumed"
     resumed.mkdir()

@@ -29,10 +29,16 @@ def _select(module: nn.Module, name: str, dim: int, indices: List[int]) -> None:
         setattr(module, name, new)
 
 
-def _conv_outputs(conv: nn.Conv2d, indices: List[int]) -> None:
-    _select(conv, "weight", 0, indices)
-    _select(conv, "bias", 0, indices)
-    conv.out_channels = len(indices)
+def _outputs(weight_dim: int, width: str) -> Callable[[nn.Module, List[int]], None]:
+    """Slicer of a layer's output channels: its weight along `weight_dim`, its bias, and its
+    width attribute `width`."""
+
+    def slice_outputs(layer: nn.Module, indices: List[int]) -> None:
+        _select(layer, "weight", weight_dim, indices)
+        _select(layer, "bias", 0, indices)
+        setattr(layer, width, len(indices))
+
+    return slice_outputs
 
 
 def _conv_inputs(conv: nn.Conv2d, indices: List[int], size: int) -> None:
@@ -45,22 +51,9 @@ def _conv_inputs(conv: nn.Conv2d, indices: List[int], size: int) -> None:
     conv.in_channels = len(indices)
 
 
-# ConvTranspose2d stores its weight as (in, out, kh, kw), the transpose of Conv2d's.
-def _deconv_outputs(deconv: nn.ConvTranspose2d, indices: List[int]) -> None:
-    _select(deconv, "weight", 1, indices)
-    _select(deconv, "bias", 0, indices)
-    deconv.out_channels = len(indices)
-
-
 def _deconv_inputs(deconv: nn.ConvTranspose2d, indices: List[int], size: int) -> None:
     _select(deconv, "weight", 0, indices)
     deconv.in_channels = len(indices)
-
-
-def _linear_outputs(linear: nn.Linear, indices: List[int]) -> None:
-    _select(linear, "weight", 0, indices)
-    _select(linear, "bias", 0, indices)
-    linear.out_features = len(indices)
 
 
 def _linear_inputs(linear: nn.Linear, indices: List[int], size: int) -> None:
@@ -100,10 +93,11 @@ class _Slicers(NamedTuple):
     inputs: Callable[[nn.Module, List[int], int], None]
 
 
+# ConvTranspose2d stores its weight as (in, out, kh, kw), the transpose of Conv2d's.
 _LAYERS = {
-    nn.Conv2d: _Slicers(_conv_outputs, _conv_inputs),
-    nn.ConvTranspose2d: _Slicers(_deconv_outputs, _deconv_inputs),
-    nn.Linear: _Slicers(_linear_outputs, _linear_inputs),
+    nn.Conv2d: _Slicers(_outputs(0, "out_channels"), _conv_inputs),
+    nn.ConvTranspose2d: _Slicers(_outputs(1, "out_channels"), _deconv_inputs),
+    nn.Linear: _Slicers(_outputs(0, "out_features"), _linear_inputs),
 }
 _NORMS = {
     FrozenBatchNorm2d: _batch_norm,
