@@ -189,11 +189,6 @@ def tracing_adapter_class() -> type:
 # and the compat tests cover it.
 
 
-def training_data_iter(trainer):
-    """The iterator over training batches of a `DefaultTrainer` (its SimpleTrainer's)."""
-    return trainer._trainer._data_loader_iter
-
-
 def trainer_hooks(trainer) -> list:
     """The hooks registered on a detectron2 trainer, in order."""
     return trainer._hooks

@@ -21,8 +21,6 @@ def test_trainer_internals(tmp_path):
     cfg = prune_cfg(dataset, tmp_path / "out", iters=1)
     trainer = Trainer(cfg)
     assert compat.last_eval_results(trainer) is None
-    batch = next(compat.training_data_iter(trainer))
-    assert isinstance(batch, list) and "instances" in batch[0]
     assert any(isinstance(h, hooks.LRScheduler) for h in compat.trainer_hooks(trainer))
     assert compat.inner_trainer(trainer).optimizer is trainer.optimizer
     writers = [h for h in compat.trainer_hooks(trainer) if isinstance(h, hooks.PeriodicWriter)]
@@ -70,3 +68,14 @@ def test_observe_proposal_sampling_sees_sampled_proposals_and_restores():
         model(models.with_targets(models.images(1)))
     assert len(seen) == 1 and seen[0][0].has("gt_classes")
     assert "label_and_sample_proposals" not in vars(heads)
+
+
+def test_cached_widths_of_backbones_and_box_heads():
+    model = models.build("faster_rcnn_R18_FPN")
+    fpn, head = model.backbone, model.roi_heads.box_head
+    assert compat.backbone_out_features(fpn) == list(fpn.output_shape())
+    compat.set_out_feature_channels(fpn, {"p2": 7})
+    assert fpn.output_shape()["p2"].channels == 7
+    assert compat.box_head_output_size(head) == head.output_shape.channels
+    compat.set_box_head_output_size(head, 5)
+    assert head.output_shape.channels == 5
