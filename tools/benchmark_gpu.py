@@ -28,10 +28,8 @@ import argparse
 import copy
 import datetime
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -44,7 +42,13 @@ from detectron2.modeling import build_model  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from d2prune import criteria  # noqa: E402
-from d2prune.complexity import count_flops, count_params, dummy_inputs, dummy_tensor  # noqa: E402
+from d2prune.complexity import (  # noqa: E402
+    count_flops,
+    count_params,
+    dummy_inputs,
+    dummy_tensor,
+    interleaved_latency,
+)
 from d2prune.config import add_prune_config  # noqa: E402
 from d2prune.pruning import channel_spec, find_groups, prune  # noqa: E402
 from d2prune.pruning.budget import Budget, select_for_flops  # noqa: E402
@@ -249,38 +253,20 @@ def batch_on(device, side, batch, seed):
     return [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side, batch=batch, seed=seed)]
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def percentile(values, q):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-def time_setting(models, inputs, device, dtype, args):
-    """Interleaved timings (ms per call) of every model on `inputs`; returns one list each."""
+def time_setting(models, inputs, dtype, args):
+    """Each model's latency on `inputs` (`interleaved_latency`: warm-up calls, then the models
+    taking turns call by call) under autocast to `dtype`, and its number of detections."""
+    device_type = inputs[0]["image"].device.type
     autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype is not None
-        else torch.autocast(device.type, enabled=False)
+        torch.autocast(device_type, dtype=dtype) if dtype is not None
+        else torch.autocast(device_type, enabled=False)
     )
-    times = {name: [] for name in models}
-    detections = {}
     with torch.inference_mode(), autocast:
-        for _ in range(args.warmup):
-            for name, model in models.items():
-                outputs = model(inputs)
-                detections[name] = sum(len(o["instances"]) for o in outputs)
-        synchronize(device)
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                synchronize(device)
-                start = time.perf_counter()
-                model(inputs)
-                synchronize(device)
-                times[name].append((time.perf_counter() - start) * 1000)
-    return times, detections
+        detections = {name: sum(len(o["instances"]) for o in model(inputs)) for name, model in models.items()}
+        figures = interleaved_latency(
+            list(models.values()), inputs, warmup=args.warmup, repeats=1, rounds=args.repeats
+        )
+    return dict(zip(models, figures)), detections
 
 
 def environment(args, device):
@@ -371,7 +357,7 @@ def main(argv=None):
             on_device[fmt, name] = copy.deepcopy(v["model"]).to(device).to(memory_format=FORMATS[fmt]).eval()
     log(f"{len(on_device)} models on {device}")
 
-    rows, raw = [], []
+    rows = []
 
     def write_reports():
         """Written after every setting, so that a run cut short keeps what it measured."""
@@ -390,7 +376,6 @@ def main(argv=None):
                 "environment": env,
                 "variants": {name: {k: v for k, v in var.items() if k != "model"} for name, var in variants.items()},
                 "results": rows,
-                "timings_ms": raw,
             }
             with open(args.json, "w") as f:
                 json.dump(data, f, indent=1)
@@ -401,21 +386,20 @@ def main(argv=None):
         for dtype in args.dtypes:
             for fmt in args.formats:
                 models = {name: on_device[fmt, name] for name in variants}
-                times, detections = time_setting(models, inputs, device, DTYPES[dtype], args)
-                base = statistics.median(times["unpruned"]) if "unpruned" in times else None
-                for name, values in times.items():
+                figures, detections = time_setting(models, inputs, DTYPES[dtype], args)
+                base = figures["unpruned"]["median_ms"] if "unpruned" in figures else None
+                for name, f in figures.items():
                     v = variants[name]
-                    median = statistics.median(values)
+                    median = f["median_ms"]
                     cut = None if base is None or name == "unpruned" else 1 - median / base
                     row = {
                         "batch": batch, "dtype": dtype, "format": fmt, "variant": name, "label": v["label"],
-                        "median_ms": median, "p90_ms": percentile(values, 0.9), "min_ms": min(values),
+                        "median_ms": median, "p90_ms": f["p90_ms"], "min_ms": f["min_ms"],
                         "latency_cut": cut, "flops_cut": v["flops_cut"],
                         "ratio": cut / v["flops_cut"] if cut is not None and v["flops_cut"] else None,
                         "detections": detections[name],
                     }
                     rows.append(row)
-                    raw.append({**{k: row[k] for k in ("batch", "dtype", "format", "variant")}, "ms": values})
                     log(f"batch {batch} {dtype} {fmt:13s} {v['label']:24s} median {median:8.2f} ms  "
                         f"p90 {row['p90_ms']:8.2f} ms  " + ("" if cut is None else f"latency cut {cut:6.1%}  "
                         f"FLOPs cut {v['flops_cut']:6.1%}  ratio {row['ratio']:.2f}"))
