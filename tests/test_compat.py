@@ -92,6 +92,7 @@ def _bare_trainer(monkeypatch):
     monkeypatch.setattr(Trainer, "_follow_model", lambda self: None)
     trainer = Trainer.__new__(Trainer)
     trainer.iter, trainer._hooks, loaded = 7, [], []
+    trainer.run_seed, trainer._stream = 5, None
     trainer._trainer = types.SimpleNamespace(
         state_dict=lambda: {"optimizer": {"state": {0: "momentum"}}}, load_state_dict=loaded.append
     )
@@ -115,10 +116,10 @@ def test_the_optimizer_state_is_saved_and_loaded_once(monkeypatch, main):
 
     trainer, loaded = _bare_trainer(monkeypatch)
     state = trainer.state_dict()
-    assert state == {"iteration": 7, "_trainer": {"optimizer": {"state": {0: "momentum"}}}}
-    trainer.iter = 0
+    assert state == {"iteration": 7, "seed": 5, "_trainer": {"optimizer": {"state": {0: "momentum"}}}}
+    trainer.iter, trainer.run_seed = 0, 9
     trainer.load_state_dict(state)
-    assert trainer.iter == 7
+    assert trainer.iter == 7 and trainer.run_seed == 5
     assert loaded == [{"optimizer": {"state": {0: "momentum"}}}]  # once, by whichever side owns it
 
 

@@ -1,6 +1,7 @@
 """Crash safety: checkpoints and `last_checkpoint` are written atomically, so a run killed at any
-moment (also in the middle of a pruning event) resumes with `--resume` and ends at the pruned
-model the schedule asks for."""
+moment (also in the middle of a pruning event) resumes with `--resume` and ends where the run
+that was never interrupted ends: the same architecture, chosen globally by a data-driven
+criterion while the weights train, and the same weights, bit for bit."""
 
 import os
 import queue
@@ -68,7 +69,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 def _opts(dataset, out):
     """The tiny pruning config on the command line, slimmed further (64 px, narrow FPN and box
-    head): three l1 events toward 50 % of the block channels, a checkpoint every second step."""
+    head): three global taylor events toward 50 % of the block channels while training at a
+    real learning rate, a checkpoint every second step."""
     return [
         *tiny_opts(out / "no-synthetic-data", out, ITERS),
         "DATASETS.TRAIN", f"('{dataset[0]}',)", "DATASETS.TEST", "()", "SOLVER.BASE_LR", "0.005",
@@ -78,7 +80,7 @@ def _opts(dataset, out):
         "SOLVER.CHECKPOINT_PERIOD", "2",
         "PRUNE.ENABLED", "True", "PRUNE.SCHEDULE", "iterative", "PRUNE.RATIO", "0.5",
         "PRUNE.START_ITER", str(EVENTS[0]), "PRUNE.END_ITER", str(EVENTS[-1]),
-        "PRUNE.NUM_EVENTS", str(len(EVENTS)),
+        "PRUNE.NUM_EVENTS", str(len(EVENTS)), "PRUNE.MODE", "global", "PRUNE.CRITERION", "taylor",
     ]  # fmt: skip
 
 
@@ -143,6 +145,19 @@ def _check_complete(out) -> str:
     return last
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run with nothing killed: (dataset, its final checkpoint)."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    dataset = tiny_dataset(root / "data", "crash_resume_train", 4)
+    run = Run(dataset, root / "out")
+    try:
+        assert run.finish() == 0, run.tail()
+    finally:
+        run.kill()
+    return dataset, torch.load(root / "out" / "model_final.pth", weights_only=True)
+
+
 @pytest.fixture
 def runs():
     """Starts `Run`s; any still running when the test ends (a failed one) is killed."""
@@ -164,8 +179,8 @@ KILLS = {
 
 @pytest.mark.subprocess
 @pytest.mark.parametrize("stop, last", KILLS.values(), ids=KILLS.keys())
-def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs, stop, last):
-    dataset = tiny_dataset(tmp_path / "data", "crash_resume_train", 2)
+def test_a_killed_pruning_run_resumes_to_the_uninterrupted_runs_model(tmp_path, runs, uninterrupted, stop, last):
+    dataset, reference = uninterrupted
     out = tmp_path / "out"
 
     killed = runs(dataset, out, stop=stop)
@@ -189,8 +204,16 @@ def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs, sto
     original = channel_spec(fresh)
     kinds = {g.name: g.kind for g in find_groups(fresh)}
     extra = PrunedCheckpointer(fresh).load(str(out / "model_final.pth"))
-    expected = {n: w // 2 if kinds[n] == "block" else w for n, w in original.items()}
-    assert channel_spec(fresh) == expected
+    spec = channel_spec(fresh)
+    assert {n: w for n, w in spec.items() if kinds[n] != "block"} == {n: w for n, w in original.items() if kinds[n] != "block"}
+    blocks = sum(w for n, w in spec.items() if kinds[n] == "block")
+    assert blocks == sum(w // 2 for n, w in original.items() if kinds[n] == "block")
+    assert len({spec[n] / original[n] for n in spec if kinds[n] == "block"}) > 1  # chosen globally
+    # What the run that was never killed ended with, bit for bit.
+    assert extra["d2prune"]["spec"] == reference["d2prune"]["spec"]
+    final = torch.load(out / "model_final.pth", weights_only=True)["d2prune"]["model"]
+    differing = [k for k, v in reference["d2prune"]["model"].items() if not torch.equal(v, final[k])]
+    assert not differing, differing[:5]
     assert extra["d2prune"]["unpruned"] == original  # what another config would be checked against
     assert extra["trainer"]["hooks"]["PruningHook"]["events_done"] == len(EVENTS)
     assert extra["iteration"] == ITERS - 1
@@ -200,7 +223,7 @@ def test_a_killed_pruning_run_resumes_to_the_scheduled_model(tmp_path, runs, sto
     match = re.search(r"pruning event 3/3 at iter 4: block (\d+) -> (\d+) channels \(([-+]\d+\.\d) %", line)
     assert match, line
     old, new, change = int(match[1]), int(match[2]), float(match[3])
-    assert new == sum(w for n, w in expected.items() if kinds[n] == "block")
+    assert new == blocks
     assert change == pytest.approx(100 * (new - old) / old, abs=0.05)
 
 

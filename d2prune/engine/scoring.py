@@ -7,14 +7,14 @@ run was resumed, and scoring never moves the training data on.
 
 import contextlib
 import logging
-import random
 import time
 from typing import Callable, Iterator, List, Sequence
 
-import numpy as np
 import torch
 from detectron2.data import DatasetMapper, get_detection_dataset_dicts
 from detectron2.utils import comm
+
+from ..utils.seeding import mix, seeded
 
 __all__ = ["ScoringBatches"]
 
@@ -80,7 +80,7 @@ class ScoringBatches:
             first = b * self.total_batch_size + rank * per_rank
             batch = []
             for position in range(first, first + per_rank):
-                with _seeded(self.seed, event, position):
+                with seeded(self.seed, event, position):
                     batch.append(self.mapper(dict(dicts[order[position]])))
             yield batch
 
@@ -89,15 +89,11 @@ def _cycled_permutation(size: int, length: int, seed: int, event: int) -> List[i
     """`length` dataset indices: seeded permutations of range(size), one after another."""
     if size == 0:
         raise ValueError("no training images to score channels on")
-    generator = torch.Generator().manual_seed(_mix(seed, event))
+    generator = torch.Generator().manual_seed(mix(seed, event))
     order: List[int] = []
     while len(order) < length:
         order.extend(torch.randperm(size, generator=generator).tolist())
     return order[:length]
-
-
-def _mix(*numbers: int) -> int:
-    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
 @contextlib.contextmanager
@@ -109,20 +105,3 @@ def _quiet(name: str):
         yield
     finally:
         log.setLevel(level)
-
-
-@contextlib.contextmanager
-def _seeded(*key: int):
-    """Python's, numpy's and torch's global generators seeded from `key`, restored on exit: the
-    augmentations detectron2's mappers draw are then a function of `key` alone."""
-    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
-    seed = _mix(*key)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.random.default_generator.manual_seed(seed)  # the CPU's only: CUDA's is training's
-    try:
-        yield
-    finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])

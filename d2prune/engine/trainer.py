@@ -14,10 +14,12 @@ from detectron2.utils import comm
 from .. import compat
 from ..compat import coco_eval_use_fast_impl
 from ..config import check_prune_config
+from ..data.stream import TrainStream, build_train_stream
 from ..errors import UserError
 from ..pruning import channel_spec
 from ..utils.io import write_json
 from ..utils.modules import unwrap
+from ..utils.seeding import seed_all
 from .checkpoint import PrunedCheckpointer
 from .pruning_hook import PruningHook, carry_over
 
@@ -55,6 +57,16 @@ class RunSummary(HookBase):
         write_json(self._path, summary)
 
 
+class SeedSteps(HookBase):
+    """Seeds the global random generators before every iteration from (run seed, rank,
+    iteration). What an iteration draws (detectron2's proposal and anchor sampling use torch's
+    global generator) then does not depend on what ran before it: not on a resume, nor on a
+    pruning event or an evaluation having drawn numbers in between."""
+
+    def before_step(self):
+        seed_all(self.trainer.run_seed, comm.get_rank(), self.trainer.iter)
+
+
 class _NoTracebackForUserErrors(logging.Filter):
     """Drops detectron2's "Exception during training" record, traceback and all, when the
     exception is a `UserError`: the tool states it in one line."""
@@ -69,19 +81,43 @@ class Trainer(DefaultTrainer):
     Its checkpoints carry the channel spec and the optimizer state, so a pruned model resumes
     (with its momentum), evaluates and fine-tunes from them without any flag. It also trains
     with several processes on machines without CUDA (gloo, see `d2prune.compat.launch`).
+
+    A resumed run repeats the run that was not interrupted: the training data come from a
+    `TrainStream` that starts at the resumed iteration with the same batches and augmentations,
+    and the global generators are seeded at every iteration (`SeedSteps`) from the run's seed
+    (SEED, or one drawn at the start and kept in the checkpoints when SEED is negative).
     """
 
     def __init__(self, cfg):
         with compat.ddp_on_cpu():
             super().__init__(cfg)
+        loader = compat.inner_trainer(self).data_loader
+        self._stream = loader if isinstance(loader, TrainStream) else None
+        self.run_seed = self._stream.seed if self._stream else (cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed())
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        """The resumable training stream (`d2prune.data.stream`), with what detectron2's
+        `build_detection_train_loader(cfg)` reads. A subclass that returns another loader still
+        trains, but a resumed run then reads its data from the start again."""
+        return build_train_stream(cfg, seed=cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed())
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
         # MODEL.WEIGHTS may be a pruned checkpoint: loading it cut the model to its spec.
         self._follow_model()
+        if self.start_iter:
+            if self._stream is not None:
+                self._stream.seek(self.start_iter)
+            else:
+                logging.getLogger(__name__).warning(
+                    "build_train_loader returned a %s, not a d2prune TrainStream: the resumed run "
+                    "reads its training data from the start again", type(compat.inner_trainer(self).data_loader).__name__,
+                )  # fmt: skip
 
     def state_dict(self):
         ret = super().state_dict()
+        ret["seed"] = self.run_seed
         if not compat.TRAINER_SAVES_OPTIMIZER:
             ret["_trainer"] = compat.inner_trainer(self).state_dict()
         return ret
@@ -92,6 +128,10 @@ class Trainer(DefaultTrainer):
         # state is loaded into it.
         self._follow_model()
         super().load_state_dict(state_dict)
+        if "seed" in state_dict:  # older checkpoints have none: SEED then holds
+            self.run_seed = int(state_dict["seed"])
+            if self._stream is not None:
+                self._stream.seed = self.run_seed
         if not compat.TRAINER_SAVES_OPTIMIZER and "_trainer" in state_dict:
             compat.inner_trainer(self).load_state_dict(state_dict["_trainer"])
 
@@ -135,8 +175,9 @@ class Trainer(DefaultTrainer):
             # Training needs no channel groups: a model d2prune cannot prune trains too. Loading
             # a pruned checkpoint makes the checkpointer record its spec again.
             self.checkpointer.records_spec = False
-        # After EvalHook, so that the final evaluation is in the summary.
-        return super().build_hooks() + [RunSummary(self.cfg.OUTPUT_DIR)]
+        # SeedSteps first, so every other hook's before_step sees the iteration's generators;
+        # RunSummary after EvalHook, so that the final evaluation is in the summary.
+        return [SeedSteps()] + super().build_hooks() + [RunSummary(self.cfg.OUTPUT_DIR)]
 
     def train(self):
         """Train, then return the final evaluation results (v0.6 returns them only when

@@ -1,1 +1,1 @@
-"""Small helpers shared by the library: atomic file writes."""
+"""Small helpers shared by the library: atomic file writes, packing, modules, seeding."""
