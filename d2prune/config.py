@@ -50,8 +50,18 @@ def add_prune_config(cfg: CN) -> CN:
     # When > 0, ignore RATIO and remove channels (global ranking) until the model's FLOPs fall
     # by this share, in (0, 1).
     cfg.PRUNE.FLOPS_REDUCTION = 0.0
+    # When > 0, ignore RATIO and remove channels until the detector's time on this machine, as
+    # predicted by a latency model timed here (MODEL.DEVICE, LATENCY_DTYPE), falls by this
+    # share, in (0, 1). Kept widths then also snap to the width step the device runs fastest.
+    cfg.PRUNE.LATENCY_REDUCTION = 0.0
+    # Precision the latency model times in: "float32", or "float16" (autocast, CUDA only).
+    cfg.PRUNE.LATENCY_DTYPE = "float32"
+    # Folder of the latency models' timing tables, one file per device, dtype and architecture
+    # ("" = $D2PRUNE_CACHE/latency, or ~/.cache/d2prune/latency).
+    cfg.PRUNE.LATENCY_CACHE = ""
     # "local": every eligible group loses RATIO of its channels. "global": channels compete
-    # across groups on group-normalised scores; no group loses more than MAX_RATIO.
+    # across groups on group-normalised scores; no group loses more than MAX_RATIO. "cost"
+    # (with FLOPS_REDUCTION or LATENCY_REDUCTION): global, on score per FLOP or per ms saved.
     cfg.PRUNE.MODE = "local"
     # Most any one group may lose, in (0, 1].
     cfg.PRUNE.MAX_RATIO = 0.9
@@ -105,8 +115,17 @@ def check_prune_config(cfg: CN) -> None:
         fail("RATIO", "a number in [0, 1)")
     if not is_number(p.FLOPS_REDUCTION) or not (p.FLOPS_REDUCTION == 0 or 0 < p.FLOPS_REDUCTION < 1):
         fail("FLOPS_REDUCTION", "0 (off) or a number in (0, 1)")
-    if p.MODE not in ("local", "global"):
-        fail("MODE", "'local' or 'global'")
+    latency = p.get("LATENCY_REDUCTION", 0.0)
+    if not is_number(latency) or not (latency == 0 or 0 < latency < 1):
+        fail("LATENCY_REDUCTION", "0 (off) or a number in (0, 1)")
+    if latency > 0 and p.FLOPS_REDUCTION > 0:
+        raise UserError("PRUNE.FLOPS_REDUCTION and PRUNE.LATENCY_REDUCTION are both set: a budget has one target; set the other to 0.")
+    if p.get("LATENCY_DTYPE", "float32") not in ("float32", "float16"):
+        fail("LATENCY_DTYPE", "'float32' or 'float16'")
+    if p.MODE not in ("local", "global", "cost"):
+        fail("MODE", "'local', 'global' or 'cost'")
+    if p.MODE == "cost" and not (latency > 0 or p.FLOPS_REDUCTION > 0):
+        raise UserError("PRUNE.MODE 'cost' weighs scores against FLOPs or time saved: set PRUNE.FLOPS_REDUCTION or PRUNE.LATENCY_REDUCTION.")
     if isinstance(p.KINDS, str) or not p.KINDS or any(k not in KINDS for k in p.KINDS):
         unknown = [k for k in p.KINDS if k not in KINDS] if not isinstance(p.KINDS, str) else []
         which = f" ({', '.join(map(repr, unknown))} is not a kind)" if unknown else ""

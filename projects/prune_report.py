@@ -73,11 +73,16 @@ def prune_report_markdown(report: Dict) -> str:
                 report["finetuned"],
             )
         )
-    budget = (
-        f"ratio {report['ratio']}"
-        if report.get("ratio") is not None
-        else f"FLOPs reduction target {report['flops_reduction_target']}"
-    )
+    if report.get("ratio") is not None:
+        budget = f"ratio {report['ratio']}"
+    elif report.get("latency_reduction_target") is not None:
+        model = report["latency_model"]
+        budget = (
+            f"latency reduction target {report['latency_reduction_target']} (predicted "
+            f"{model['predicted_before_ms']:.1f} -> {model['predicted_after_ms']:.1f} ms, widths in steps of {model['width_step']})"
+        )
+    else:
+        budget = f"FLOPs reduction target {report['flops_reduction_target']}"
     lines = [
         "# d2prune one-shot pruning report",
         "",

@@ -114,12 +114,12 @@ def test_kinds_and_exclude_choose_the_groups():
 @pytest.mark.parametrize(
     "fields, message",
     [
-        (dict(target="latency"), "target must be one of 'channels', 'flops', got 'latency'."),
+        (dict(target="energy"), "target must be one of 'channels', 'flops', 'latency', got 'energy'."),
         (dict(amount=1.0), "amount must be in [0, 1), got 1.0."),
         (dict(amount=-0.1), "amount must be in [0, 1), got -0.1."),
         (dict(amount="0.5"), "amount must be in [0, 1), got '0.5'."),
         (dict(target="flops", amount=1.5), "amount must be in [0, 1), got 1.5."),
-        (dict(mode="layer"), "mode must be 'local' or 'global', got 'layer'."),
+        (dict(mode="layer"), "mode must be one of 'local', 'global', 'cost', got 'layer'."),
         (dict(kinds=("blocks",)), "unknown group kind 'blocks'; allowed: stem, block, stage, fpn, head."),
         (dict(kinds="block"), "kinds must be a list of group kinds, got 'block'."),
         (dict(exclude="conv"), "exclude must be a list of regular expressions, got 'conv'."),

@@ -31,6 +31,7 @@ FLAGS = {
     "criterion": "CRITERION",
     "ratio": "RATIO",
     "flops_reduction": "FLOPS_REDUCTION",
+    "latency_reduction": "LATENCY_REDUCTION",
     "mode": "MODE",
     "kinds": "KINDS",
     "exclude": "EXCLUDE",
@@ -47,7 +48,10 @@ def argument_parser():
     parser.add_argument("--criterion", help="filter-selection criterion (PRUNE.CRITERION)")
     parser.add_argument("--ratio", type=float, help="share of eligible channels to remove (PRUNE.RATIO)")
     parser.add_argument("--flops-reduction", type=float, help="remove until FLOPs fall by this share")
-    parser.add_argument("--mode", choices=["local", "global"])
+    parser.add_argument("--latency-reduction", type=float,
+                        help="remove until the time predicted on this device falls by this share")
+    parser.add_argument("--mode", choices=["local", "global", "cost"],
+                        help="cost: rank channels by score per FLOP or ms saved (with a FLOPs or latency target)")
     parser.add_argument("--kinds", nargs="+", help="group kinds that may lose channels (PRUNE.KINDS)")
     parser.add_argument("--exclude", nargs="+", help="regexes of group names never pruned")
     parser.add_argument("--max-ratio", type=float)

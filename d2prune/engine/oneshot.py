@@ -23,7 +23,13 @@ from ..pruning.budget import Budget
 from ..utils.io import write_json
 from .checkpoint import PrunedCheckpointer
 from .scoring import ScoringBatches
-from .selection import build_criterion, check_budget, choose_keep, sample_inputs
+from .selection import (
+    build_criterion,
+    build_latency_model,
+    check_budget,
+    choose_keep,
+    sample_inputs,
+)
 from .trainer import Trainer, build_coco_evaluator
 
 logger = logging.getLogger(__name__)
@@ -105,6 +111,7 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
         "criterion": cfg.PRUNE.CRITERION,
         "ratio": budget.amount if budget.target == "channels" else None,
         "flops_reduction_target": budget.amount if budget.target == "flops" else None,
+        "latency_reduction_target": budget.amount if budget.target == "latency" else None,
         "mode": budget.mode,
         "kinds": list(budget.kinds),
         "dataset": cfg.DATASETS.TEST[0],
@@ -114,7 +121,8 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     spec_before = channel_spec(model)
     groups = find_groups(model)
 
-    keep = choose_keep(cfg, model, criterion, scoring_batches(cfg, criterion))
+    cost_model = build_latency_model(cfg, model) if budget.target == "latency" else None
+    keep = choose_keep(cfg, model, criterion, scoring_batches(cfg, criterion), cost_model=cost_model)
     start = time.perf_counter()
     with torch.no_grad():
         prune(model, keep)
@@ -122,6 +130,11 @@ def prune_oneshot(cfg, output_dir: str, finetune_iters: int = 0, latency_repeats
     spec = channel_spec(model)
     report["spec"] = spec
     report["widths"] = width_table(spec_before, spec, groups)
+    if cost_model is not None:
+        report["latency_model"] = {
+            "predicted_before_ms": cost_model.predict(spec_before), "predicted_after_ms": cost_model.predict(spec),
+            "width_step": cost_model.meta["step"], "tables": cost_model.meta["path"],
+        }  # fmt: skip
 
     logger.info("Evaluating the model after pruning")
     report["after"] = {**evaluate(cfg, model, os.path.join(output_dir, "eval_after")), **measure(cfg, model, latency_repeats)}

@@ -21,13 +21,19 @@ from detectron2.utils.events import CommonMetricPrinter
 from torch import nn
 
 from .. import compat
-from ..complexity import count_flops, count_params
+from ..complexity import count_flops, count_params, measure_latency
 from ..pruning import channel_spec, find_groups, prune
 from ..pruning.budget import Budget
 from ..pruning.schedule import PruningSchedule
 from ..utils.modules import unwrap
 from .scoring import ScoringBatches
-from .selection import build_criterion, check_budget, choose_keep, sample_inputs
+from .selection import (
+    build_criterion,
+    build_latency_model,
+    check_budget,
+    choose_keep,
+    sample_inputs,
+)
 
 __all__ = ["PruningHook", "cut", "install_optimizer", "sliced_optimizer_state"]
 
@@ -71,6 +77,8 @@ class PruningHook(HookBase):
         self.cfg = cfg
         budget = Budget.from_config(cfg)
         self._flops_mode = budget.target == "flops"
+        self._latency_mode = budget.target == "latency"
+        self.latency_model = None  # built (or read from its cache) before training
         self.schedule = PruningSchedule.build(
             p.SCHEDULE, budget.amount, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
         )
@@ -102,6 +110,8 @@ class PruningHook(HookBase):
         if self._flops_mode and self.original_flops is None:
             inputs, _ = sample_inputs(self.cfg, model)
             self.original_flops = count_flops(model, inputs)["total"]
+        if self._latency_mode and self.latency_model is None and self.events_done < len(self.schedule.iters):
+            self.latency_model = build_latency_model(self.cfg, model, self.original_spec)
 
     def check_budget(self) -> None:
         """Fail now, rather than at the next event, when the PRUNE budget cannot remove any
@@ -133,6 +143,7 @@ class PruningHook(HookBase):
             cfg, model, self.criterion, batches,
             amount=self.schedule.targets[self.events_done],
             original=self.original_spec, original_flops=self.original_flops,
+            cost_model=self.latency_model,
         )
         score_seconds = time.perf_counter() - start
         if batches is not None:
@@ -179,6 +190,19 @@ class PruningHook(HookBase):
             index, total, iteration, ", ".join(changes) or "no channel group of PRUNE.KINDS",
             params_before / 1e6, params / 1e6, score_seconds,
         )
+        if self.latency_model is not None:
+            # The model's prediction beside a measurement, so that its error is in the log.
+            predicted = self.latency_model.predict(after)
+            inputs, _ = sample_inputs(self.cfg, model)
+            measured = measure_latency(model, inputs, warmup=2, repeats=5)["min_ms"]
+            unpruned = self.latency_model.predict(self.original_spec)
+            logger.info(
+                "latency after event %d: predicted %.1f ms (%.0f %% of the unpruned %.1f ms), measured %.1f ms",
+                index, predicted, 100 * predicted / unpruned, unpruned, measured,
+            )  # fmt: skip
+            storage.put_scalars(smoothing_hint=False, **{
+                "pruning/latency_predicted_ms": predicted, "pruning/latency_measured_ms": measured,
+            })  # fmt: skip
         _, tensor = sample_inputs(self.cfg, model)
         storage.put_scalars(
             smoothing_hint=False,

@@ -1,7 +1,7 @@
 """How many channels each group loses: from criterion scores to keep sets for `prune`.
 
-A `Budget` says what to cut (a share of the channels, or of the FLOPs) and under which
-constraints (widths, whole units, floors); `select` turns scores into keep sets under it.
+A `Budget` says what to cut (a share of the channels, of the FLOPs, or of the time) and under
+which constraints (widths, whole units, floors); `select` turns scores into keep sets under it.
 """
 
 import copy
@@ -15,19 +15,25 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from .cost import CostModel, select_by_cost
 from .groups import ChannelGroup
 from .kinds import KINDS, Kind
 from .surgery import prune
 
-__all__ = ["KINDS", "TARGETS", "Budget", "select", "select_channels", "select_for_flops"]
+__all__ = ["KINDS", "TARGETS", "MODES", "Budget", "select", "select_channels", "select_for_flops", "select_for_cost"]
 
 _EPS = 1e-12
 
 # What a budget can aim at, each with how reports put the budget in words.
 TARGETS = {
     "channels": "ratio {amount:g}, {mode}",
-    "flops": "FLOPs reduction {amount:g} (global)",
+    "flops": "FLOPs reduction {amount:g} ({order})",
+    "latency": "latency reduction {amount:g} ({order})",
 }
+
+# How channels compete: "local" (each group alone), "global" (on group-normalised scores across
+# groups), "cost" (global, on score per unit of cost saved; FLOPs and latency targets only).
+MODES = ("local", "global", "cost")
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,11 @@ class Budget:
     """How much to prune and under which constraints; `Budget.from_config` reads the PRUNE keys.
 
     `target` "channels" removes `amount` of the eligible channels (`mode` "local": of each
-    group; "global": of all of them, on group-normalised scores); "flops" removes channels in
-    the global order until the FLOPs fall by `amount`. Either way `amount` is in [0, 1) and 0
-    removes nothing. Eligible groups are those of `kinds` whose name matches none of the
+    group; "global": of all of them, on group-normalised scores); "flops" and "latency" remove
+    channels until the FLOPs (or the time a `CostModel` predicts) fall by `amount`: in the
+    global order (modes "local" and "global"), or, with `mode` "cost", by score per unit of
+    cost saved (`cost.select_by_cost`). Either way
+    `amount` is in [0, 1) and 0 removes nothing. Eligible groups are those of `kinds` whose name matches none of the
     `exclude` regular expressions (`re.search`). A group keeps at least `min_channels` (or all,
     if it has fewer) and at least `1 - max_ratio` of its channels, and a multiple of `round_to`.
     `kinds` and `exclude` may be given as lists and are kept as tuples, so that a budget is
@@ -61,8 +69,13 @@ class Budget:
             )
         if not _is_number(self.amount) or not 0 <= self.amount < 1:
             raise UserError(f"pruning budget: amount must be in [0, 1), got {self.amount!r}.")
-        if self.mode not in ("local", "global"):
-            raise UserError(f"pruning budget: mode must be 'local' or 'global', got {self.mode!r}.")
+        if self.mode not in MODES:
+            raise UserError(f"pruning budget: mode must be one of {', '.join(map(repr, MODES))}, got {self.mode!r}.")
+        if self.mode == "cost" and self.target == "channels":
+            raise UserError(
+                "pruning budget: mode 'cost' weighs scores against FLOPs or time saved: it needs a "
+                "FLOPs or latency target (PRUNE.FLOPS_REDUCTION or PRUNE.LATENCY_REDUCTION), not a channel ratio."
+            )
         if isinstance(self.kinds, str) or not isinstance(self.kinds, (list, tuple)):
             raise UserError(
                 f"pruning budget: kinds must be a list of group kinds, got {self.kinds!r}."
@@ -99,12 +112,17 @@ class Budget:
     @classmethod
     def from_config(cls, cfg) -> "Budget":
         """The budget of a config's PRUNE keys: a FLOPs target when PRUNE.FLOPS_REDUCTION > 0,
-        else PRUNE.RATIO of the channels."""
+        a latency target when PRUNE.LATENCY_REDUCTION > 0, else PRUNE.RATIO of the channels."""
         p = cfg.PRUNE
-        flops = p.FLOPS_REDUCTION > 0
+        if p.FLOPS_REDUCTION > 0:
+            target, amount = "flops", p.FLOPS_REDUCTION
+        elif p.get("LATENCY_REDUCTION", 0) > 0:
+            target, amount = "latency", p.LATENCY_REDUCTION
+        else:
+            target, amount = "channels", p.RATIO
         return cls(
-            target="flops" if flops else "channels",
-            amount=p.FLOPS_REDUCTION if flops else p.RATIO,
+            target=target,
+            amount=amount,
             mode=p.MODE,
             kinds=tuple(p.KINDS),
             exclude=tuple(p.EXCLUDE),
@@ -123,7 +141,8 @@ class Budget:
 
     def describe(self) -> str:
         """The budget in words for reports, e.g. "ratio 0.5, local"."""
-        return TARGETS[self.target].format(amount=self.amount, mode=self.mode)
+        order = "cost" if self.mode == "cost" else "global"  # FLOPs and latency: global unless cost
+        return TARGETS[self.target].format(amount=self.amount, mode=self.mode, order=order)
 
     def with_amount(self, amount: float) -> "Budget":
         """The same budget with another amount (an iterative schedule's growing targets)."""
@@ -147,14 +166,20 @@ def select(
     measure: Optional[Callable[[nn.Module], float]] = None,
     original: Optional[Mapping[str, int]] = None,
     baseline: Optional[float] = None,
+    cost_model: Optional[CostModel] = None,
 ) -> Dict[str, List[int]]:
-    """Keep sets under `budget`, by `select_channels` or, for a FLOPs target, by
-    `select_for_flops` (which takes `measure`, `baseline`); `model` is not changed."""
-    if budget.target == "flops":
-        return select_for_flops(
-            model, groups, scores, budget, measure=measure, original=original, baseline=baseline
-        )
-    return select_channels(groups, scores, budget, original)
+    """Keep sets under `budget`: `select_channels` for a channels target; `select_for_cost` for
+    a latency target or mode "cost" (it takes `cost_model`); otherwise, a FLOPs target,
+    `select_for_flops` (which takes `measure`, `baseline`). `model` is not changed."""
+    if budget.target == "channels":
+        return select_channels(groups, scores, budget, original)
+    if budget.target == "latency" or budget.mode == "cost":
+        if cost_model is None:
+            raise ValueError(f"a {budget.target} budget in mode {budget.mode!r} needs a cost model")
+        return select_for_cost(groups, scores, budget, cost_model, original)
+    return select_for_flops(
+        model, groups, scores, budget, measure=measure, original=original, baseline=baseline
+    )
 
 
 def select_channels(
@@ -257,6 +282,8 @@ def select_for_flops(
     """
     if budget.target != "flops":
         raise ValueError(f"select_for_flops takes a FLOPs budget, got target {budget.target!r}")
+    if budget.mode == "cost":
+        raise ValueError("a FLOPs budget in mode 'cost' goes to select_for_cost")
     goal = budget.amount
     if goal == 0:
         return {}
@@ -289,6 +316,88 @@ def select_for_flops(
         achieved = reduction(keep)
         if achieved >= goal:
             high, best, reached = middle, keep, achieved
+        else:
+            low = middle
+    return best
+
+
+def select_for_cost(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, torch.Tensor],
+    budget: Budget,
+    cost_model: CostModel,
+    original: Optional[Mapping[str, int]] = None,
+    tolerance: float = 0.005,
+    max_steps: int = 30,
+) -> Dict[str, List[int]]:
+    """Keep sets that bring `cost_model`'s predicted cost (FLOPs or time) down by the `amount`
+    of a FLOPs or latency `budget`, relative to the cost at `original` widths (default: now).
+
+    Mode "cost": `cost.select_by_cost`, channels compete on score per unit of cost saved.
+    Otherwise the amount of a global channels budget is bisected until the predicted cost is
+    reached (within `tolerance` below the target), so the channels go in the global order, as
+    `select_for_flops` removes them. A model already at the target loses nothing; a
+    target that the floors make unreachable is a `UserError` saying how far they allow.
+    """
+    if budget.target == "channels":
+        raise ValueError("select_for_cost takes a FLOPs or latency budget")
+    goal = budget.amount
+    if goal == 0:
+        return {}
+    current = {g.name: g.size for g in groups}
+    full = {**current, **(original or {})}
+    baseline = cost_model.predict(full)
+    target = baseline * (1 - goal)
+    if cost_model.predict(current) <= target:
+        return {}
+    eligible = budget.eligible(groups)
+    what = "FLOPs" if budget.target == "flops" else "latency"
+
+    def out_of_reach(reached: float):
+        return UserError(
+            f"pruning budget: {what} reduction {goal} is out of reach; pruning kinds "
+            f"{', '.join(budget.kinds)} as far as max_ratio={budget.max_ratio} and "
+            f"min_channels={budget.min_channels} allow removes {1 - reached / baseline:.1%} "
+            f"of the {'FLOPs' if budget.target == 'flops' else 'predicted time'}."
+        )
+
+    if budget.mode == "cost":
+        if not eligible:
+            select_channels(groups, scores, budget.deepest(), original)  # the one-line refusal
+        unit_scores = {g.name: _unit_scores(g, scores) for g in eligible}
+        floors = {
+            g.name: _floor(g, full[g.name], budget.max_ratio, budget.min_channels) for g in eligible
+        }
+        steps = {g.name: math.lcm(g.unit, budget.round_to) for g in eligible}
+        # Rounded floors: a group can go no lower than its floor rounded up to its step.
+        floors = {n: min(math.ceil(f / steps[n]) * steps[n], current[n]) for n, f in floors.items()}
+        widths = select_by_cost(eligible, unit_scores, floors, steps, cost_model, target, current)
+        reached = cost_model.predict({**current, **widths})
+        if reached > target * (1 + 1e-9):
+            raise out_of_reach(reached)
+        return {
+            g.name: _top_channels(g, unit_scores[g.name], widths[g.name])
+            for g in eligible
+            if widths[g.name] < g.size
+        }
+
+    def predicted(keep: Mapping[str, Sequence[int]]) -> float:
+        return cost_model.predict({**current, **{n: len(k) for n, k in keep.items()}})
+
+    cut = budget.deepest()  # the target lies between no cut and this one
+    deepest = select_channels(groups, scores, cut, original)
+    reached = predicted(deepest)
+    if reached > target:
+        raise out_of_reach(reached)
+    low, high, best = 0.0, cut.amount, deepest
+    for _ in range(max_steps):
+        if reached >= target * (1 - tolerance):
+            break
+        middle = (low + high) / 2
+        keep = select_channels(groups, scores, cut.with_amount(middle), original)
+        cost = predicted(keep)
+        if cost <= target:
+            high, best, reached = middle, keep, cost
         else:
             low = middle
     return best
