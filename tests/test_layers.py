@@ -26,7 +26,7 @@ LAYERS = [
     ),
     ("pruning", ["d2prune.pruning"]),
     ("criteria", ["d2prune.criteria"]),
-    ("engine", ["d2prune.config", "d2prune.engine", "d2prune.export", "d2prune.explain", "d2prune.api"]),
+    ("engine", ["d2prune.config", "d2prune.engine", "d2prune.export", "d2prune.explain", "d2prune.api", "d2prune.fuse"]),
     ("projects", ["projects"]),
 ]  # fmt: skip
 

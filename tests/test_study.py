@@ -1,10 +1,11 @@
 """The transfer study: its plan, its bookkeeping across crashes, its statistics, and one tiny
-study run end to end through tools/study.py."""
+study run end to end through tools/study.py, with the local launcher and through submitit."""
 
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torch
 from d2prune.config import separate_overrides, strip_separator
 from d2prune.data.synthetic import generate
 from d2prune.errors import UserError
-from projects.study import report
+from projects.study import launcher, report
 from projects.study import runner as study
 
 from .conftest import CONFIG, REPO, run_tool, tiny_opts
@@ -60,30 +61,59 @@ def test_results_survive_a_line_cut_short(tmp_path):
     assert [r["name"] for r in study.load_results(str(tmp_path))] == ["a"]
 
 
-# A stand-in for the training worker: writes the result a finished run would, or fails when the
-# job's seed is 13, so the bookkeeping is tested without training.
+# A stand-in for the training worker: records the result a finished run would, in its own file
+# as worker_main does, or fails when the job's seed is 13, so the bookkeeping is tested without
+# training (and without importing torch).
 FAKE_WORKER = """
 import json, os, sys
 job = json.loads(sys.argv[2])
 if job["seed"] == 13:
     sys.exit(3)
 name = ("baseline" if job["criterion"] is None else f"{job['criterion']}_r{job['ratio']:g}") + f"_n{job['train_size']}_s{job['seed']}"
-run = os.path.join(sys.argv[1], "runs", name)
-open(os.path.join(run, "result.json"), "w").write(json.dumps(dict(job, name=name, bbox_AP=1.0, bbox_AP50=2.0, seconds=0.0)))
+os.makedirs(os.path.join(sys.argv[1], "results"), exist_ok=True)
+with open(os.path.join(sys.argv[1], "results", name + ".json"), "w") as f:
+    json.dump(dict(job, name=name, bbox_AP=1.0, bbox_AP50=2.0, seconds=0.0), f)
 """
 
 
 @pytest.mark.subprocess
-def test_run_study_appends_results_skips_finished_runs_and_reports_failures(tmp_path):
+def test_run_study_records_results_skips_finished_runs_and_reports_failures(tmp_path):
     worker = [sys.executable, "-c", FAKE_WORKER, str(tmp_path)]
     jobs = [study.Job(None, 0.0, 0, 4), study.Job("l1", 0.5, 0, 4), study.Job("l1", 0.5, 13, 4)]
     failed = study.run_study(jobs, worker, str(tmp_path), parallel=2)
     assert failed == ["l1_r0.5_n4_s13"]
     assert sorted(r["name"] for r in study.load_results(str(tmp_path))) == ["baseline_n4_s0", "l1_r0.5_n4_s0"]
-    os.remove(tmp_path / "runs" / "baseline_n4_s0" / "result.json")
-    # A rerun starts only the run that failed: the finished ones are not run (or appended) again.
-    assert study.run_study(jobs, worker, str(tmp_path), parallel=2) == ["l1_r0.5_n4_s13"]
+    lines = (tmp_path / study.RESULTS).read_text().splitlines()
+    assert sorted(json.loads(line)["name"] for line in lines) == ["baseline_n4_s0", "l1_r0.5_n4_s0"]
+    table = launcher.status(jobs, str(tmp_path))
+    rows = status_rows(table)
+    assert [rows[job.name][0] for job in jobs] == ["finished", "finished", "failed"]
+    assert rows["l1_r0.5_n4_s13"][2] == f"{tmp_path}/runs/l1_r0.5_n4_s13/worker.log (exit 3)"
+    assert table.endswith(f"study: 3 runs in {tmp_path}: 2 finished, 0 running, 0 pending, 1 failed")
+    # A rerun starts only the run that failed: the finished ones, recorded in results.jsonl, are
+    # not run again even when their own result file is gone.
+    os.remove(tmp_path / study.RESULTS_DIR / "baseline_n4_s0.json")
+    assert study.run_study(jobs, [sys.executable, "-c", "import sys; sys.exit(3)"], str(tmp_path), parallel=2) == [
+        "l1_r0.5_n4_s13"]
     assert len(study.load_results(str(tmp_path))) == 2
+
+
+def status_rows(table: str) -> dict:
+    """`--status`'s table as {run: [state, job, log]} (columns are two or more spaces apart)."""
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines()[2:] if not line.startswith("study:")]
+    return {row[0]: row[1:] + [""] * (4 - len(row)) for row in rows}
+
+
+def test_results_of_an_older_study_are_kept_beside_the_new_files(tmp_path):
+    """A study from before the per-run files has only results.jsonl: it still counts, and a run
+    recorded in both is taken from its own, newer file."""
+    old = [{"name": "a", "bbox_AP": 1.0}, {"name": "b", "bbox_AP": 2.0}]
+    (tmp_path / study.RESULTS).write_text("".join(json.dumps(r) + "\n" for r in old))
+    study.record_result(str(tmp_path), {"name": "b", "bbox_AP": 3.0})
+    study.record_result(str(tmp_path), {"name": "c", "bbox_AP": 4.0})
+    merged = study.merge_results(str(tmp_path))
+    assert [(r["name"], r["bbox_AP"]) for r in merged] == [("a", 1.0), ("b", 3.0), ("c", 4.0)]
+    assert [json.loads(line) for line in (tmp_path / study.RESULTS).read_text().splitlines()] == merged
 
 
 def _result(criterion, ratio, seed, ap, flops, size=40):
@@ -199,21 +229,32 @@ def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     assert report.plot_delta(report.summarize(results[:3]), 40, str(tmp_path / "d.png")) is None
 
 
-@pytest.mark.subprocess
-def test_a_tiny_study_end_to_end(trained, tmp_path):
-    """Baseline and one pruned fine-tune of the 3-iteration source model, each in its own process,
-    then the report; a rerun finds both runs finished and rewrites the same table."""
+@pytest.fixture(scope="module")
+def tiny_study(trained, tmp_path_factory):
+    """The arguments of a tiny study (baseline and one pruned fine-tune of the 3-iteration source
+    model) for an output folder, and the local launcher's run of it: (args, output, process)."""
     root, source_out, _ = trained
     generate(root, "target", "val", 4, image_size=96, workers=1)
-    out = tmp_path / "study"
-    opts = [o for o in tiny_opts(root, out, iters=4)]
+    tmp = tmp_path_factory.mktemp("tiny_study")
+    opts = tiny_opts(root, tmp / "unused", iters=4)
     opts += ["MODEL.WEIGHTS", str(source_out / "model_final.pth"), "PRUNE.START_ITER", "1",
              "PRUNE.END_ITER", "2", "PRUNE.NUM_EVENTS", "1", "PRUNE.SCORE_BATCHES", "1"]
-    args = ["--config-file", str(REPO / "configs/synthetic/study/faster_rcnn_R18_FPN_study.yaml"),
-            "--criteria", "l1", "--ratios", "0.5", "--seeds", "0", "--train-sizes", "3",
-            "--data-root", str(tmp_path / "data"), "--image-size", "96", "--jobs", "2",
-            "--latency-repeats", "2", "--output", str(out), *opts]
-    proc = run_tool("study.py", *args)
+
+    def args(out, *options):
+        return ["--config-file", str(REPO / "configs/synthetic/study/faster_rcnn_R18_FPN_study.yaml"),
+                "--criteria", "l1", "--ratios", "0.5", "--seeds", "0", "--train-sizes", "3",
+                "--data-root", str(tmp / "data"), "--image-size", "96", "--latency-repeats", "2",
+                "--output", str(out), *options, *opts]
+
+    out = tmp / "study"
+    return args, out, run_tool("study.py", *args(out, "--jobs", "2"))
+
+
+@pytest.mark.subprocess
+def test_a_tiny_study_end_to_end(tiny_study):
+    """Baseline and one pruned fine-tune, each in its own process, then the report; a rerun finds
+    both runs finished and rewrites the same table."""
+    args, out, proc = tiny_study
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     results = study.load_results(str(out))
     assert sorted(r["name"] for r in results) == ["baseline_n3_s0", "l1_r0.5_n3_s0"]
@@ -229,9 +270,37 @@ def test_a_tiny_study_end_to_end(trained, tmp_path):
     assert [r["threads"] for r in results] == [threads, threads]
     assert f"- every run with {threads} torch thread" in md
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
-    again = run_tool("study.py", *args)
+    again = run_tool("study.py", *args(out, "--jobs", "2"))
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
     assert len(study.load_results(str(out))) == 2
+
+
+def _without_wall_times(results):
+    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in results), key=lambda r: r["name"])
+
+
+def _answer_and_delta(md: str) -> str:
+    """The report from its answer to its full table: no wall times, no latencies."""
+    return md[md.index("## Answer"):md.index("## Table")]
+
+
+@pytest.mark.subprocess
+def test_the_submitit_launcher_gives_the_local_launchers_report(tiny_study, tmp_path):
+    """The same study through submitit's LocalExecutor (the Slurm path without a cluster), two
+    jobs at once: the same results, bit for bit, and the same report but for wall times and
+    latencies; each job's record names its submitit job."""
+    args, local_out, local = tiny_study
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "submitit"
+    proc = run_tool("study.py", *args(out, "--launcher", "local-submitit", "--max-parallel", "2"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("study: submitted 1 run(s) to submitit's LocalExecutor") == 2
+    assert _without_wall_times(study.load_results(str(out))) == _without_wall_times(study.load_results(str(local_out)))
+    assert _answer_and_delta((out / "results.md").read_text()) == _answer_and_delta((local_out / "results.md").read_text())
+    rows = status_rows(launcher.status(study.plan(["l1"], [0.5], [0], [3], 3), str(out)))
+    assert [state for state, _, _ in rows.values()] == ["finished", "finished"]
+    assert all(job.startswith("local-submitit ") for _, job, _ in rows.values())
+    assert sorted(p.name for p in (out / "results").iterdir()) == ["baseline_n3_s0.json", "l1_r0.5_n3_s0.json"]
 
 
 # One study run in a fresh interpreter, as `tools/study.py` starts each: the RNGs start unseeded.

@@ -17,7 +17,7 @@ from pathlib import Path
 from tabulate import tabulate
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.benchmark.benchmark import machine_description  # noqa: E402
 from projects.benchmark.data import load_average, time_validation, write_dataset  # noqa: E402

@@ -15,7 +15,7 @@ import sys
 from d2prune.errors import exit_on_user_error
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.benchmark.run_peers import main  # noqa: E402
 

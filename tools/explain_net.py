@@ -24,7 +24,7 @@ from d2prune.errors import exit_on_user_error
 from d2prune.explain import explain_checkpoint
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.explain.report import write_report  # noqa: E402
 

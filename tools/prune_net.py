@@ -22,7 +22,7 @@ from d2prune.engine.oneshot import prune_oneshot
 from d2prune.errors import exit_on_user_error
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.prune_report import write_prune_report  # noqa: E402
 

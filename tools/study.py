@@ -8,8 +8,10 @@ criterion wins?
 
 Fine-tunes the config's MODEL.WEIGHTS (the source model) on the first N images of the
 synthetic target train split, unpruned (the baseline) and pruned by each criterion at each
-ratio, for each seed; each run is its own process. Finished runs go to OUTPUT/results.jsonl as
-they end and a rerun skips them, so a killed study resumes where it stopped. Then it writes
+ratio, for each seed; each run is its own process, or with `--launcher slurm` its own Slurm job
+(submitted through submitit, requeued and resumed when preempted or out of time). Finished runs
+go to OUTPUT/results.jsonl as they end and a rerun skips them, so a killed study resumes where it
+stopped; `--status` lists the runs pending, running, finished and failed. Then it writes
 OUTPUT/results.{csv,json}, OUTPUT/results.md (or --report) and the plots.
 """
 
@@ -24,8 +26,9 @@ from d2prune.config import separate_overrides, strip_separator
 from d2prune.errors import exit_on_user_error
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
+from projects.cluster import add_launcher_arguments  # noqa: E402
 from projects.study.run import WORKER, main  # noqa: E402
 from projects.study.runner import worker_main  # noqa: E402
 
@@ -49,6 +52,15 @@ def argument_parser():
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--notes", default=None, metavar="MD", help="a hand-written reading of the results, put in the report")
     parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
+    parser.add_argument("--status", action="store_true",
+                        help="start no run: list the planned runs pending, running, finished and failed (with their logs)")
+    add_launcher_arguments(parser, timeout_min=120)
+    parser.add_argument("--max-parallel", type=int, default=None,
+                        help="submitit launchers: runs at once (on Slurm the job array's limit); default: --jobs")
+    parser.add_argument("--gpus-per-run", type=int, default=1, help="submitit launchers: GPUs of one run")
+    parser.add_argument("--cpus-per-run", type=int, default=None,
+                        help="submitit launchers: CPU cores of one run, its torch threads (default: 4 on Slurm; "
+                             "on this machine its cores shared between the runs at once)")
     parser.add_argument("opts", nargs=argparse.REMAINDER,
                         help="KEY VALUE config overrides for every run, last (they may follow a list option)")
     return parser
@@ -57,7 +69,7 @@ def argument_parser():
 if __name__ == "__main__":
     setup_logger(name="d2prune")
     logging.getLogger("fvcore").setLevel(logging.WARNING)
-    if sys.argv[1:2] == [WORKER]:  # one run, started by run_study
+    if sys.argv[1:2] == [WORKER]:  # one run, started by run_study (a submitit job calls worker_main itself)
         exit_on_user_error(worker_main, sys.argv[2:])
     else:
         args = argument_parser().parse_args(separate_overrides(sys.argv[1:]))

@@ -11,7 +11,7 @@ import sys
 from d2prune.errors import exit_on_user_error
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.prune_report import run_summary_table  # noqa: E402
 

@@ -6,9 +6,15 @@
     python tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/model_final.pth
     python tools/train_net.py --config-file CFG --dataset my_train train.json images/ \
         DATASETS.TRAIN "('my_train',)"
+    python tools/train_net.py --launcher slurm --partition gpu --num-machines 2 --num-gpus 8 --config-file CFG
+
+With `--launcher slurm` the training is one Slurm job submitted through submitit: each machine runs
+one task, whose `--num-machines`, `--machine-rank` and `--dist-url` come from the Slurm
+environment; a preempted or timed-out job is requeued and resumes from its last checkpoint.
 """
 
 import os
+import sys
 
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
@@ -19,6 +25,11 @@ from d2prune.config import check_run, check_weights, setup_cfg
 from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.engine import PrunedCheckpointer, PruningTrainer, Trainer
 from d2prune.errors import UserError, exit_on_user_error
+
+# The Slurm launcher lives in projects/, beside this folder.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+
+from projects.cluster import add_launcher_arguments, check_launcher, submit_training  # noqa: E402
 
 
 def setup(args):
@@ -58,13 +69,23 @@ def guarded_main(args):
 
 def check_before_launch(args):
     """The config faults every process would meet, stated once before any process starts."""
+    check_launcher(args.launcher, args.partition, args.num_machines)
     cfg = setup_cfg(args.config_file, args.opts, args.dataset)
     check_run(cfg, args.num_gpus * args.num_machines, training=not args.eval_only)
+
+
+def submit(args):
+    """Submit this training as one submitit job (`--launcher slurm|local-submitit`). Each machine's
+    task gets one CPU core per data loader worker and one for its training process, per GPU."""
+    cfg = setup_cfg(args.config_file, args.opts, args.dataset)
+    return submit_training("train_net:guarded_main", args, cfg.OUTPUT_DIR,
+                           cpus_per_task=args.num_gpus * (cfg.DATALOADER.NUM_WORKERS + 1))
 
 
 def argument_parser():
     parser = default_argument_parser()
     add_dataset_argument(parser)
+    add_launcher_arguments(parser, timeout_min=24 * 60)
     return parser
 
 
@@ -72,12 +93,15 @@ if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
     exit_on_user_error(check_before_launch, args)
-    exit_on_user_error(
-        launch,
-        guarded_main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    if args.launcher == "local":
+        exit_on_user_error(
+            launch,
+            guarded_main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    else:
+        exit_on_user_error(submit, args)

@@ -26,7 +26,7 @@ from d2prune.engine.checkpoint import load_model
 from d2prune.errors import UserError, exit_on_user_error
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
 from projects.visualize import Model, write_visualization  # noqa: E402
 

@@ -3,7 +3,9 @@ the setting it was measured in.
 """
 
 import datetime
+import os
 import sys
+from typing import List
 
 import torch
 from detectron2.modeling import build_model
@@ -23,7 +25,8 @@ from projects.benchmark.benchmark import (
     surgery_seconds,
 )
 
-SECTIONS = ("speedup", "surgery", "scoring", "memory")
+SECTIONS = ("speedup", "surgery", "scoring", "memory", "detector")
+DEFAULT_SECTIONS = ("speedup", "surgery", "scoring", "memory")  # "detector" trains: asked for by name
 
 
 def speedup_section(args, model):
@@ -97,6 +100,37 @@ def memory_section(args, cfg, model, batches):
     headers = ["criterion", "groups cut", "training iteration: peak MiB above start",
                "pruning event: peak MiB above start", "RSS before event (MiB)", "params after (MiB)"]
     return tabulate(table, headers=headers, tablefmt="github"), method
+
+
+def detector_part(args) -> List[str]:
+    """The whole-detector section: rows, table, plot and the setting in words."""
+    from projects.benchmark.detector import ARMS, detector_rows, detector_table, plot_ap_vs_latency
+
+    rows, unreachable = detector_rows(
+        args.detector_config, args.detector_weights, args.latency_dataset, args.levels,
+        criterion=args.detector_criterion, finetune_iters=args.finetune_iters, images=args.images,
+        rounds=args.rounds, repeats=args.repeats, output_dir=args.detector_output,
+        progress=lambda text: print(text, flush=True),
+    )  # fmt: skip
+    text = detector_table(rows)
+    print(text, flush=True)
+    plot = plot_ap_vs_latency(rows, os.path.splitext(args.output or "benchmark_detector.md")[0] + ".png")
+    arms = "; ".join(f"**{a}**: kinds {', '.join(k)}, {t.replace('_', ' ').lower()} target, mode {m}" for a, (k, t, m) in ARMS.items())
+    return [
+        "## The whole detector: block-only against every kind, by FLOPs and by latency", "",
+        f"`{args.detector_config}` with `{args.detector_weights}` (the trained shipped model), pruned "
+        f"one-shot by `{args.detector_criterion}` at targets of {', '.join(f'{x:.0%}' for x in args.levels)}. "
+        f"Arms: {arms}. The latency arm's target is the one-thread time predicted by the latency "
+        "model built on this machine (`PRUNE.LATENCY_REDUCTION`). FLOPs: fvcore's count, mean over "
+        f"3 images; time: ms per image over the first {args.images} images of `{args.latency_dataset}` "
+        f"(real images, real proposals), minimum over {args.rounds} interleaved rounds of "
+        f"{args.repeats} passes, one torch thread as CPU time and all threads as elapsed time. "
+        f"AP: bbox AP on the config's DATASETS.TEST, as pruned and after {args.finetune_iters} "
+        "iterations of fine-tuning on its DATASETS.TRAIN at the config's learning rate. "
+        "Cut ratio: latency cut / FLOPs cut (1.0: every FLOP removed is time saved).", "",
+        text, "", *(["Not reachable:", "", *[f"- {u}" for u in unreachable], ""] if unreachable else []),
+        f"![AP against one-thread latency]({os.path.basename(plot)})", "",
+    ]
 
 
 def main(args):
@@ -180,6 +214,8 @@ def main(args):
                 + "tracemalloc is not used: it does not see torch's tensor allocations.",
                 "", text, "",
             ]
+    if "detector" in args.sections:
+        parts += detector_part(args)
     if args.output:
         header = [
             "# d2prune benchmark", "",

@@ -1,14 +1,18 @@
 """The transfer study: fine-tunes of one source model on a small target set, pruned by each
 criterion at each ratio and seed, beside the unpruned fine-tune with the same seeds and schedule.
 
-Every run is its own process (`run_study` starts them, `run_job` is what each one does), writes
-into its own folder and resumes from its last checkpoint; finished runs are appended to one
-`results.jsonl`, so a killed study loses at most the runs in flight and a rerun skips the rest.
+Every run is its own process (`run_study` starts them here, `projects.study.launcher` as
+submitit jobs; `worker_main` is what each one runs), writes into its own folder and resumes from
+its last checkpoint. A finished run writes its result to a file of its own, `results/NAME.json`,
+atomically, so runs that end at the same moment (on a cluster's shared filesystem too) lose
+nothing; the study process merges those files into `results.jsonl`. A killed study loses at
+most the runs in flight and a rerun skips the rest.
 """
 
 import json
 import logging
 import os
+import socket
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -32,11 +36,19 @@ from d2prune.pruning import channel_spec
 from d2prune.utils.io import atomic_write_text
 from d2prune.utils.modules import unwrap
 
-__all__ = ["Job", "plan", "prepare_target_subsets", "run_job", "run_study", "load_results"]
+__all__ = [
+    "Job", "plan", "prepare_target_subsets", "run_job", "run_study", "worker_main", "record_result",
+    "load_results", "merge_results",
+]
 
 logger = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
+# One file per finished run, written by the run itself: OUTPUT/results/NAME.json.
+RESULTS_DIR = "results"
+# How a run was started (launcher, process or job id, log), written by the study process:
+# OUTPUT/runs/NAME/launch.json. `tools/study.py --status` reads it.
+LAUNCH = "launch.json"
 
 
 @dataclass(frozen=True)
@@ -115,13 +127,13 @@ def prepare_target_subsets(root: str, sizes: Iterable[int], image_size: int = 19
         subset = dict(data, images=images[:n], annotations=[a for a in data["annotations"] if a["image_id"] in ids])
         path = os.path.join(root, f"target_train_{n}.json")
         text = json.dumps(subset)
-        if _read_text(path) != text:
+        if read_text(path) != text:
             atomic_write_text(path, text)
         entries.append([train_dataset(n), path, str(image_root)])
     return entries
 
 
-def _read_text(path: str) -> Optional[str]:
+def read_text(path: str) -> Optional[str]:
     """The text of file `path`, or None when there is none."""
     if not os.path.isfile(path):
         return None
@@ -183,26 +195,73 @@ def remove_intermediate_checkpoints(run_dir: str) -> List[str]:
     return removed
 
 
+def record_result(output: str, result: Dict) -> str:
+    """Write a finished run's `result` to `output/results/NAME.json`, atomically: the run's own
+    file, so that no two runs ever write the same file. Returns its path."""
+    path = os.path.join(output, RESULTS_DIR, result["name"] + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(result))
+    return path
+
+
 def load_results(output: str) -> List[Dict]:
-    """The finished runs recorded in `output/results.jsonl` (a line cut short by a crash is skipped)."""
+    """The finished runs of the study in `output`: the lines of `results.jsonl` (a line cut short
+    by a crash is skipped), then the runs in `results/` that it does not hold yet, in the order
+    they finished. A run in both is taken from its own file."""
+    results: Dict[str, Dict] = {}
     path = os.path.join(output, RESULTS)
-    if not os.path.isfile(path):
-        return []
-    results = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                results.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("%s: skipping an incomplete line", path)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    result = json.loads(line)
+                except json.JSONDecodeError:
+                    logger.warning("%s: skipping an incomplete line", path)
+                    continue
+                results[result["name"]] = result
+    folder = os.path.join(output, RESULTS_DIR)
+    files = [e for e in os.scandir(folder) if e.name.endswith(".json")] if os.path.isdir(folder) else []
+    for entry in sorted(files, key=lambda e: (e.stat().st_mtime, e.name)):
+        with open(entry.path, encoding="utf-8") as f:
+            result = json.load(f)  # written atomically: complete or absent
+        results[result["name"]] = result
+    return list(results.values())
+
+
+def merge_results(output: str) -> List[Dict]:
+    """`load_results`, also written back as `output/results.jsonl` (atomically, when it changed):
+    the study's one record of its finished runs. Only the study process calls it; the runs
+    themselves never touch `results.jsonl`."""
+    results = load_results(output)
+    text = "".join(json.dumps(r) + "\n" for r in results)
+    path = os.path.join(output, RESULTS)
+    if results and read_text(path) != text:
+        atomic_write_text(path, text)
     return results
 
 
-def _append_result(output: str, result: Dict) -> None:
-    with open(os.path.join(output, RESULTS), "a", encoding="utf-8") as f:
-        f.write(json.dumps(result) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def finished_result(output: str, name: str) -> Optional[Dict]:
+    """The result run `name` recorded in `output/results/`, or None while it has none."""
+    text = read_text(os.path.join(output, RESULTS_DIR, name + ".json"))
+    return None if text is None else json.loads(text)
+
+
+def write_launch(output: str, name: str, record: Dict) -> None:
+    """Record how run `name` was started (see LAUNCH), with this host's name."""
+    path = os.path.join(output, "runs", name, LAUNCH)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(dict(record, host=socket.gethostname()), indent=1))
+
+
+def read_launch(output: str, name: str) -> Optional[Dict]:
+    """The launch record of run `name`, or None if it was never started."""
+    text = read_text(os.path.join(output, "runs", name, LAUNCH))
+    return None if text is None else json.loads(text)
+
+
+def result_line(name: str, result: Dict) -> str:
+    """What the study prints when run `name` finishes."""
+    return f"  {name}: AP {result['bbox_AP']:.1f}  AP50 {result['bbox_AP50']:.1f}  ({result['seconds']:.0f} s)"
 
 
 def run_study(
@@ -212,9 +271,10 @@ def run_study(
     parallel: int = 1,
     threads: Optional[int] = None,
 ) -> List[str]:
-    """Run the `jobs` not yet in `output/results.jsonl`, `parallel` at a time, each as
-    `worker + [job JSON]` in its own process (log in `output/runs/NAME/worker.log`); append each
-    result as it finishes. Returns the names of the runs that failed (their logs say why)."""
+    """Run the `jobs` not yet finished in `output`, `parallel` at a time, each as
+    `worker + [job JSON]` in its own process (log in `output/runs/NAME/worker.log`); merge each
+    result into `results.jsonl` as it finishes. Returns the names of the runs that failed (their
+    logs say why)."""
     os.makedirs(os.path.join(output, "runs"), exist_ok=True)
     done = {r["name"] for r in load_results(output)}
     pending = [job for job in jobs if job.name not in done]
@@ -230,42 +290,48 @@ def run_study(
         while queue or running:
             while queue and len(running) < parallel:
                 job = queue.pop(0)
-                run_dir = os.path.join(output, "runs", job.name)
-                os.makedirs(run_dir, exist_ok=True)
-                with open(os.path.join(run_dir, "worker.log"), "ab") as log:
+                log_path = os.path.join(output, "runs", job.name, "worker.log")
+                os.makedirs(os.path.dirname(log_path), exist_ok=True)
+                with open(log_path, "ab") as log:
                     process = subprocess.Popen(
                         [*worker, json.dumps(asdict(job))], stdout=log, stderr=subprocess.STDOUT, env=env
                     )
+                write_launch(output, job.name, {"launcher": "local", "pid": process.pid, "log": log_path})
                 running[process] = job
             time.sleep(1.0)
             for process in [p for p in running if p.poll() is not None]:
                 job = running.pop(process)
-                run_dir = os.path.join(output, "runs", job.name)
-                result_file = os.path.join(run_dir, "result.json")
-                if process.returncode == 0 and os.path.isfile(result_file):
-                    with open(result_file, encoding="utf-8") as f:
-                        result = json.load(f)
-                    _append_result(output, result)
-                    bar.write(f"  {job.name}: AP {result['bbox_AP']:.1f}  AP50 {result['bbox_AP50']:.1f}  "
-                              f"({result['seconds']:.0f} s)")
+                record = read_launch(output, job.name)
+                write_launch(output, job.name, dict(record, exit=process.returncode))
+                result = finished_result(output, job.name)
+                if process.returncode == 0 and result is not None:
+                    merge_results(output)
+                    bar.write(result_line(job.name, result))
                 else:
                     failed.append(job.name)
-                    bar.write(f"  {job.name}: FAILED (exit {process.returncode}), see {run_dir}/worker.log")
+                    bar.write(f"  {job.name}: FAILED (exit {process.returncode}), see {record['log']}")
                 bar.update(1)
     finally:
         for process in running:
             process.terminate()
         for process in running:
             process.wait()
+            job = running[process]
+            write_launch(output, job.name, dict(read_launch(output, job.name), exit=process.returncode))
         bar.close()
     return failed
 
 
-def worker_main(argv: Sequence[str]) -> None:
-    """`tools/study.py --worker CONFIG OUTPUT DATASETS_JSON OPTS_JSON JOB_JSON`: one run."""
+def worker_main(argv: Sequence[str]) -> Dict:
+    """`tools/study.py --run-one CONFIG OUTPUT DATASETS_JSON OPTS_JSON JOB_JSON`: one run, which
+    resumes from its folder's last checkpoint and, once finished, records its result
+    (`record_result`). The local launcher runs it in a process of its own, a submitit job calls
+    it in the job's process; returns the result."""
     config_file, output, datasets, opts, job = argv
     job = Job(**json.loads(job))
-    run_job(config_file, job, os.path.join(output, "runs", job.name), json.loads(datasets), json.loads(opts))
+    result = run_job(config_file, job, os.path.join(output, "runs", job.name), json.loads(datasets), json.loads(opts))
+    record_result(output, result)
+    return result
 
 
 def measure_latencies(
@@ -280,7 +346,7 @@ def measure_latencies(
     from projects.study.report import spec_key
 
     path = os.path.join(output, "latency.json")
-    cache = json.loads(_read_text(path) or "{}")
+    cache = json.loads(read_text(path) or "{}")
     todo = {}
     for r in results:
         todo.setdefault(spec_key(r["spec"]), r)
