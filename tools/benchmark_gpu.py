@@ -11,7 +11,9 @@ groups pruned (l1, global order) until the ResNet's FLOPs fall by --flops-reduct
 pruning alone cannot remove half of the whole detector's FLOPs: at 800 px its limit, 90 % of
 every block group, is about 31 %); every group kind (stem, block, stage, fpn, head) pruned the
 same way until the whole detector's FLOPs fall by --flops-reduction (--block-target and
---all-target change what the share refers to). FLOPs are counted on the CPU at --flops-side and
+--all-target change what the share refers to); every kind pruned by a latency target of the same
+share (PRUNE.LATENCY_REDUCTION, mode cost: score per ms saved, on a latency model timed on
+--device in the first of --dtypes, widths snapped to the step measured there). FLOPs are counted on the CPU at --flops-side and
 scaled to --side (see `flops_at_side`), so the selection stays cheap. The latency cut is set
 against the whole detector's FLOPs cut in every row.
 
@@ -50,8 +52,9 @@ from d2prune.complexity import (  # noqa: E402
     interleaved_latency,
 )
 from d2prune.config import add_prune_config  # noqa: E402
+from d2prune.engine.selection import build_latency_model, with_device_step  # noqa: E402
 from d2prune.pruning import channel_spec, find_groups, prune  # noqa: E402
-from d2prune.pruning.budget import Budget, select_for_flops  # noqa: E402
+from d2prune.pruning.budget import Budget, select_for_cost, select_for_flops  # noqa: E402
 from projects.benchmark.benchmark import fixed_proposals  # noqa: E402
 
 ALL_KINDS = ["stem", "block", "stage", "fpn", "head"]
@@ -71,8 +74,8 @@ def argument_parser():
                         help="memory format of the model's conv weights (activations follow)")
     parser.add_argument("--repeats", type=int, default=30, help="timed calls per variant and setting")
     parser.add_argument("--warmup", type=int, default=5, help="untimed calls per variant and setting")
-    parser.add_argument("--variants", nargs="+", choices=["unpruned", "block", "all"],
-                        default=["unpruned", "block", "all"])
+    parser.add_argument("--variants", nargs="+", choices=["unpruned", "block", "all", "latency"],
+                        default=["unpruned", "block", "all", "latency"])
     parser.add_argument("--flops-reduction", type=float, default=0.5,
                         help="share of the FLOPs (at --side) the pruned variants remove")
     parser.add_argument("--block-target", choices=list(TARGETS), default="resnet",
@@ -181,7 +184,33 @@ def target_flops(model, args, inputs, target):
     return flops_at_side(model, args, inputs)["detector"]
 
 
-def build_variants(args, log):
+def latency_keep(cfg, args, base, groups, scores, device, log):
+    """Keep sets of every kind that cut the time predicted on `device` by --flops-reduction
+    (mode cost), and the latency model's predictions before and after."""
+    lat = cfg.clone()
+    lat.defrost()
+    lat.MODEL.DEVICE = device.type
+    lat.PRUNE.FLOPS_REDUCTION = 0.0
+    lat.PRUNE.LATENCY_REDUCTION = args.flops_reduction
+    lat.PRUNE.MODE = "cost"
+    lat.PRUNE.KINDS = ALL_KINDS
+    lat.PRUNE.LATENCY_DTYPE = "float16" if args.dtypes[0] == "fp16" and device.type == "cuda" else "float32"
+    lat.PRUNE.LATENCY_CACHE = os.path.join(os.path.dirname(os.path.abspath(args.output or "x")), "latency_cache")
+    start = time.perf_counter()
+    model = copy.deepcopy(base).to(device).eval()
+    cost_model = build_latency_model(lat, model)
+    budget = with_device_step(Budget.from_config(lat), cost_model)
+    keep = select_for_cost(groups, scores, budget, cost_model)
+    predicted = cost_model.predict({**channel_spec(base), **{n: len(k) for n, k in keep.items()}})
+    log(f"latency model on {device} ({lat.PRUNE.LATENCY_DTYPE}) built and used in {time.perf_counter() - start:.1f} s: "
+        f"{cost_model.fixed:.2f} ms fixed + {cost_model.scale:.2f} x tables, width step {cost_model.meta['step']}; "
+        f"predicted {cost_model.predict(channel_spec(base)):.2f} -> {predicted:.2f} ms")
+    del model
+    return keep, {"predicted_before_ms": cost_model.predict(channel_spec(base)), "predicted_after_ms": predicted,
+                  "width_step": cost_model.meta["step"], "latency_dtype": lat.PRUNE.LATENCY_DTYPE}
+
+
+def build_variants(args, log, device=None):
     """{name: {"model", "kinds", "flops", "params", "channels_kept", ...}}, built on the CPU."""
     cfg = detector_cfg(args)
     torch.manual_seed(args.seed)
@@ -204,10 +233,17 @@ def build_variants(args, log):
     kinds_of = {g.name: g.kind for g in groups}
     variants = {}
     for name in args.variants:
-        kinds = {"unpruned": [], "block": ["block"], "all": ALL_KINDS}[name]
-        target = {"unpruned": None, "block": args.block_target, "all": args.all_target}[name]
-        model, keep, seconds = base, {}, 0.0
-        if kinds:
+        kinds = {"unpruned": [], "block": ["block"], "all": ALL_KINDS, "latency": ALL_KINDS}[name]
+        target = {"unpruned": None, "block": args.block_target, "all": args.all_target, "latency": "latency"}[name]
+        model, keep, seconds, extra = base, {}, 0.0, {}
+        if name == "latency":
+            start = time.perf_counter()
+            keep, extra = latency_keep(cfg, args, base, groups, scores, device or torch.device("cpu"), log)
+            model = copy.deepcopy(base)
+            with torch.no_grad():
+                prune(model, keep)
+            seconds = time.perf_counter() - start
+        elif kinds:
             start = time.perf_counter()
             keep = flops_keep(
                 cfg, base, groups, scores, kinds, baseline=base_flops[target],
@@ -224,8 +260,10 @@ def build_variants(args, log):
             w = widths.setdefault(kinds_of.get(group, "?"), [0, 0])
             w[0] += size
             w[1] += after.get(group, size)
-        label = {"unpruned": "unpruned", "block": "block", "all": "all kinds"}[name]
-        if target:
+        label = {"unpruned": "unpruned", "block": "block", "all": "all kinds", "latency": "all kinds"}[name]
+        if target == "latency":
+            label += f" -{args.flops_reduction:.0%} latency"
+        elif target:
             label += f" -{args.flops_reduction:.0%} {TARGETS[target]}"
         cuts = {part: 1 - flops[part] / base_flops[part] for part in ("detector", "resnet", "backbone")}
         variants[name] = {
@@ -240,6 +278,7 @@ def build_variants(args, log):
             "flops_cuts": cuts,
             "params": count_params(model),
             "channels_kept": {k: f"{a}/{b}" for k, (b, a) in widths.items()},
+            **extra,
         }
         v = variants[name]
         log(f"variant {label}: {len(keep)} groups pruned in {seconds:.1f} s, "
@@ -349,7 +388,7 @@ def main(argv=None):
     log(f"{env['device_name']} | torch {env['torch']} | cudnn.benchmark={env['cudnn_benchmark']} | "
         f"detectron2 {env.get('detectron2', '?')}")
 
-    variants = build_variants(args, log)
+    variants = build_variants(args, log, device)
     # One copy per variant and memory format on the device; weights stay fp32 (autocast).
     on_device = {}
     for fmt in args.formats:

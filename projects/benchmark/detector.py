@@ -24,6 +24,7 @@ from d2prune.engine.checkpoint import load_model
 from d2prune.engine.oneshot import evaluate, finetune
 from d2prune.engine.selection import build_criterion, build_latency_model, choose_keep
 from d2prune.errors import UserError
+from d2prune.fuse import prepare_for_inference
 from d2prune.pruning import channel_spec, prune
 from d2prune.utils.io import write_json
 
@@ -100,13 +101,16 @@ def detector_rows(
     repeats: int = 2,
     output_dir: str = "output/benchmark_detector",
     opts: Sequence[str] = (),
+    inference: bool = True,
     progress: Optional[Callable[[str], None]] = None,
 ) -> List[Dict]:
     """One row per model (the unpruned one first): arm, level, parameters, FLOPs (mean over the
     latency images), ms per image with one thread and with all, their cuts and the cuts' ratio
     to the FLOPs cut, AP as pruned and after `finetune_iters` iterations on the config's
     DATASETS.TRAIN (AP on its DATASETS.TEST); and the arms and levels that the budget could not
-    reach, with the reason."""
+    reach, with the reason. With `inference`, every model is timed as deployed:
+    `d2prune.fuse.prepare_for_inference` (norms folded into the convs, channels-last on the
+    CPU), and the latency arm's model is built on such a copy."""
     say = progress or logger.info
     base_opts = ["MODEL.WEIGHTS", weights, "MODEL.DEVICE", "cpu", "PRUNE.CRITERION", criterion, *opts]
     cfg = setup_cfg(config_file, base_opts)
@@ -132,7 +136,8 @@ def detector_rows(
                 threads = torch.get_num_threads()
                 torch.set_num_threads(1)  # the latency target is the one-thread time
                 try:
-                    cost_model = build_latency_model(arm_cfg, pruned)
+                    timed = prepare_for_inference(copy.deepcopy(model)) if inference else pruned
+                    cost_model = build_latency_model(arm_cfg, timed)
                 finally:
                     torch.set_num_threads(threads)
             try:
@@ -151,7 +156,8 @@ def detector_rows(
             models.append(pruned)
             say(f"{arm} {level:.0%}: {row['flops'] / 1e9:.2f} GFLOPs")
     say("timing every model, interleaved")
-    for label, times in _latencies(models, inputs, rounds, repeats).items():
+    timed = [prepare_for_inference(copy.deepcopy(m)) for m in models] if inference else models
+    for label, times in _latencies(timed, inputs, rounds, repeats).items():
         for row, ms in zip(rows, times):
             row[f"ms {label}"] = ms
     base = rows[0]
