@@ -47,12 +47,12 @@ class Layer:
     input sizes of its calls (a head shared by the pyramid levels is called once per level)."""
 
     name: str
-    type: str  # "conv", "linear"
+    type: str  # "conv", "deconv" (transposed conv), "linear"
     in_width: int  # at full (unpruned) width
     out_width: int
     in_group: Optional[str]  # None: the width does not change
     out_group: Optional[str]
-    calls: List[Tuple[int, ...]]  # per call: conv (H, W) of the input; linear (rows,)
+    calls: List[Tuple[int, ...]]  # per call: conv (N, H, W) of the input; linear (rows,)
     kernel: Tuple[int, int] = (1, 1)
     stride: Tuple[int, int] = (1, 1)
     padding: Tuple[int, int] = (0, 0)
@@ -68,7 +68,10 @@ class Layer:
         per = in_width * self.repeat * out_width / self.conv_groups
         if self.type == "conv":
             kh, kw = self.kernel
-            return sum(per * kh * kw * _out_size(hw, self) for hw in self.calls)
+            return sum(per * kh * kw * n * _out_size((h, w), self) for n, h, w in self.calls)
+        if self.type == "deconv":  # every input position spreads over a kernel window
+            kh, kw = self.kernel
+            return sum(per * kh * kw * n * h * w for n, h, w in self.calls)
         return sum(per * rows for (rows,) in self.calls)
 
 
@@ -98,12 +101,12 @@ def trace_layers(model: nn.Module, groups: Sequence[ChannelGroup], inputs, full:
             if isinstance(module, nn.Linear):
                 layers[name].calls.append((x.numel() // x.shape[-1],))
             else:
-                layers[name].calls.append(tuple(x.shape[-2:]))
+                layers[name].calls.append((x.numel() // (x.shape[-3] * x.shape[-2] * x.shape[-1]), *x.shape[-2:]))
 
         return record
 
     for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
             handles.append(module.register_forward_hook(hook(name)))
     was_training = model.training
     model.eval()
@@ -133,7 +136,8 @@ def _describe(name: str, module: nn.Module, read: Optional[ChannelGroup], write:
     if groups > 1 and write is not None and read is not None and groups == module.in_channels:
         groups = in_full  # depthwise: one group per channel at any width
     return Layer(
-        name, "conv", in_full, out_full, read and read.name, write and write.name, [],
+        name, "deconv" if isinstance(module, nn.ConvTranspose2d) else "conv", in_full, out_full,
+        read and read.name, write and write.name, [],
         kernel=tuple(module.kernel_size), stride=tuple(module.stride), padding=tuple(module.padding),
         dilation=tuple(module.dilation), conv_groups=groups, bias=module.bias is not None,
         norm=norm is not None, relu=activation is not None,
@@ -198,11 +202,13 @@ def _standalone(layer: Layer, in_width: int, out_width: int, device, dtype) -> T
         body: List[nn.Module] = [nn.Linear(in_width * layer.repeat, out_width, bias=layer.bias)]
         inputs = [torch.randn(rows, in_width * layer.repeat) for (rows,) in layer.calls]
     else:
-        groups = layer.conv_groups if layer.conv_groups in (1,) else math.gcd(layer.conv_groups, math.gcd(in_width, out_width))
-        body = [nn.Conv2d(in_width, out_width, layer.kernel, layer.stride, layer.padding, layer.dilation, groups, bias=layer.bias)]
+        groups = layer.conv_groups if layer.conv_groups == 1 else math.gcd(layer.conv_groups, math.gcd(in_width, out_width))
+        kind = nn.ConvTranspose2d if layer.type == "deconv" else nn.Conv2d
+        body = [kind(in_width, out_width, layer.kernel, layer.stride, layer.padding, dilation=layer.dilation,
+                     groups=groups, bias=layer.bias)]  # fmt: skip
         if layer.norm:
             body.append(_Affine(out_width))
-        inputs = [torch.randn(1, in_width, *hw) for hw in layer.calls]
+        inputs = [torch.randn(n, in_width, h, w) for n, h, w in layer.calls]
     if layer.relu:
         body.append(nn.ReLU(inplace=True))
     module = nn.Sequential(*body).to(device=device).eval()
