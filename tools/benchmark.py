@@ -61,6 +61,8 @@ def argument_parser():
     group.add_argument("--finetune-iters", type=int, default=100)
     group.add_argument("--images", type=int, default=8, help="images timed per model")
     group.add_argument("--detector-output", default="output/benchmark_detector", metavar="DIR")
+    group.add_argument("--detector-rows", metavar="JSON",
+                       help="render DIR/rows.json of an earlier (or interrupted) run instead of measuring")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides of --config-file")
     return parser
 

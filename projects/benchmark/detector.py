@@ -167,20 +167,29 @@ def detector_rows(
             cut = 1 - row[key] / base[key]
             row[f"cut {key[3:]}"] = cut
             row[f"ratio {key[3:]}"] = cut / row["flops_cut"] if row["flops_cut"] > 0 else float("nan")
-    for row, m in zip(rows, models):
-        name = "unpruned" if row["arm"] == "unpruned" else f"{row['arm']}_{row['level']:g}".replace(", ", "_").replace(" ", "-")
-        folder = os.path.join(output_dir, name)
+    names = ["unpruned" if r["arm"] == "unpruned" else f"{r['arm']}_{r['level']:g}".replace(", ", "_").replace(" ", "-") for r in rows]
+    # All one-shot evaluations first, then the fine-tunes: a run cut short keeps whole columns.
+    for row, m, name in zip(rows, models, names):
         say(f"evaluating {name}")
-        row.update({f"oneshot_{k}": v for k, v in evaluate(cfg, m, os.path.join(folder, "eval")).items()})
-        if finetune_iters > 0:
-            checkpointer = PrunedCheckpointer(m, save_dir=folder)
-            checkpointer.unpruned_spec = base["spec"]
-            checkpointer.save("model_pruned")
-            tuned = finetune(cfg, os.path.join(folder, "model_pruned.pth"), folder, finetune_iters,
-                             dict.fromkeys(("params", "flops", "backbone_flops", "latency_ms", "backbone_latency_ms")))  # fmt: skip
-            row.update({f"finetuned_{k}": v for k, v in tuned.items() if k.startswith("bbox_")})
+        row.update({f"oneshot_{k}": v for k, v in evaluate(cfg, m, os.path.join(output_dir, name, "eval")).items()})
+        write_json(os.path.join(output_dir, "rows.json"), {"rows": rows, "unreachable": unreachable})
+    for row, m, name in zip(rows, models, names):
+        if finetune_iters <= 0:
+            break
+        folder = os.path.join(output_dir, name)
+        say(f"fine-tuning {name} for {finetune_iters} iterations")
+        checkpointer = PrunedCheckpointer(m, save_dir=folder)
+        checkpointer.unpruned_spec = base["spec"]
+        checkpointer.save("model_pruned")
+        tuned = finetune(cfg, os.path.join(folder, "model_pruned.pth"), folder, finetune_iters,
+                         dict.fromkeys(("params", "flops", "backbone_flops", "latency_ms", "backbone_latency_ms")))  # fmt: skip
+        row.update({f"finetuned_{k}": v for k, v in tuned.items() if k.startswith("bbox_")})
         write_json(os.path.join(output_dir, "rows.json"), {"rows": rows, "unreachable": unreachable})
     return rows, unreachable
+
+
+def _ap(value) -> str:
+    return "–" if value is None or value != value else f"{value:.1f}"
 
 
 def _pct(value) -> str:
@@ -199,7 +208,7 @@ def detector_table(rows: Sequence[Mapping]) -> str:
         for label in thread_labels:
             line += [f"{r['ms ' + label]:.1f}", _pct(r.get("cut " + label)),
                      "–" if "ratio " + label not in r else f"{r['ratio ' + label]:.2f}"]  # fmt: skip
-        line += [f"{r.get('oneshot_bbox_AP', float('nan')):.1f}", f"{r.get('finetuned_bbox_AP', float('nan')):.1f}"]
+        line += [_ap(r.get("oneshot_bbox_AP")), _ap(r.get("finetuned_bbox_AP"))]
         table.append(line)
     headers = ["arm", "target", "params (M)", "GFLOPs", "FLOPs cut"]
     for label in thread_labels:
@@ -209,23 +218,27 @@ def detector_table(rows: Sequence[Mapping]) -> str:
 
 
 def plot_ap_vs_latency(rows: Sequence[Mapping], path: str, label: Optional[str] = None) -> str:
-    """AP after the fine-tune (one-shot where none was run) against one-thread ms per image, one
-    line per arm, the unpruned model as a star."""
+    """AP after the fine-tune (one-shot unless every model was fine-tuned) against one-thread ms
+    per image, one line per arm, the unpruned model as a star."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     label = label or next(k[3:] for k in rows[0] if k.startswith("ms "))
-    ap = "finetuned_bbox_AP" if "finetuned_bbox_AP" in rows[0] else "oneshot_bbox_AP"
+    ap = "finetuned_bbox_AP" if all("finetuned_bbox_AP" in r for r in rows) else "oneshot_bbox_AP"
+    if not any(ap in r for r in rows):  # nothing evaluated yet: FLOPs against time instead
+        ap = "flops"
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     base = rows[0]
     for arm in dict.fromkeys(r["arm"] for r in rows[1:]):
-        points = sorted((r[f"ms {label}"], r[ap]) for r in rows if r["arm"] == arm)
-        ax.plot(*zip(*points), marker="o", label=arm)
-    ax.scatter([base[f"ms {label}"]], [base[ap]], marker="*", s=160, color="black", label="unpruned", zorder=3)
+        points = sorted((r[f"ms {label}"], r[ap]) for r in rows if r["arm"] == arm and ap in r)
+        if points:
+            ax.plot(*zip(*points), marker="o", label=arm)
+    if ap in base:
+        ax.scatter([base[f"ms {label}"]], [base[ap]], marker="*", s=160, color="black", label="unpruned", zorder=3)
     ax.set_xlabel(f"ms per image ({label})")
-    ax.set_ylabel("bbox AP" + (" after fine-tuning" if ap.startswith("finetuned") else " (one-shot)"))
+    ax.set_ylabel({"finetuned_bbox_AP": "bbox AP after fine-tuning", "oneshot_bbox_AP": "bbox AP (one-shot)"}.get(ap, "FLOPs"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -3,6 +3,7 @@ the setting it was measured in.
 """
 
 import datetime
+import json
 import os
 import sys
 from typing import List
@@ -106,12 +107,23 @@ def detector_part(args) -> List[str]:
     """The whole-detector section: rows, table, plot and the setting in words."""
     from projects.benchmark.detector import ARMS, detector_rows, detector_table, plot_ap_vs_latency
 
-    rows, unreachable = detector_rows(
-        args.detector_config, args.detector_weights, args.latency_dataset, args.levels,
-        criterion=args.detector_criterion, finetune_iters=args.finetune_iters, images=args.images,
-        rounds=args.rounds, repeats=args.repeats, output_dir=args.detector_output,
-        progress=lambda text: print(text, flush=True),
-    )  # fmt: skip
+    if args.detector_rows:  # render what an earlier run measured (it writes rows.json as it goes)
+        with open(args.detector_rows, encoding="utf-8") as f:
+            saved = json.load(f)
+        rows, unreachable = saved["rows"], saved["unreachable"]
+    else:
+        rows, unreachable = detector_rows(
+            args.detector_config, args.detector_weights, args.latency_dataset, args.levels,
+            criterion=args.detector_criterion, finetune_iters=args.finetune_iters, images=args.images,
+            rounds=args.rounds, repeats=args.repeats, output_dir=args.detector_output,
+            progress=lambda text: print(text, flush=True),
+        )  # fmt: skip
+    evaluated = sum("oneshot_bbox_AP" in r for r in rows)
+    tuned = sum("finetuned_bbox_AP" in r for r in rows)
+    missing = (
+        f" Of the {len(rows)} models, {evaluated} were evaluated one-shot and {tuned} fine-tuned "
+        "before the run was stopped; the others show –." if tuned < len(rows) else ""
+    )
     text = detector_table(rows)
     print(text, flush=True)
     plot = plot_ap_vs_latency(rows, os.path.splitext(args.output or "benchmark_detector.md")[0] + ".png")
@@ -129,7 +141,7 @@ def detector_part(args) -> List[str]:
         "iterations of fine-tuning on its DATASETS.TRAIN at the config's learning rate. "
         "Every model is timed as deployed on the CPU: `d2prune.fuse.prepare_for_inference` (norms "
         "folded into the convs, channels-last). "
-        "Cut ratio: latency cut / FLOPs cut (1.0: every FLOP removed is time saved).", "",
+        "Cut ratio: latency cut / FLOPs cut (1.0: every FLOP removed is time saved)." + missing, "",
         text, "", *(["Not reachable:", "", *[f"- {u}" for u in unreachable], ""] if unreachable else []),
         f"![AP against one-thread latency]({os.path.basename(plot)})", "",
     ]
