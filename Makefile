@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-full study-schedule source demo-prune explain export benchmark benchmark-gpu test test-fast test-d2main visualize data lint clean
+.PHONY: setup demo study study-full study-schedule overfit-curve study-regime study-regime-detector source demo-prune explain export benchmark benchmark-gpu test test-fast test-d2main visualize data lint clean
 
 setup:
 	@bash tools/setup/install.sh
@@ -28,7 +28,8 @@ demo: data
 # writes docs/results.md with the reading in docs/results_notes.md. `make study-full` adds 20
 # and 100 target images for l1 and taylor.
 STUDY_ARGS := --config-file $(STUDY_CONFIG) --output output/study --ratios 0.3 0.5 0.7 --seeds 0 1 2 \
-	--jobs 2 --report docs/results.md --notes docs/results_notes.md
+	--jobs 2 --report docs/results.md --notes docs/results_notes.md \
+	--title "Transfer study: 200 iterations on 40 images, where the fine-tune underfits"
 
 study: data
 	$(PY) tools/study.py $(STUDY_ARGS) --train-sizes 40
@@ -50,6 +51,45 @@ study-schedule: data
 		SOLVER.MAX_ITER 400 SOLVER.STEPS "(300, 370)"
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_1thread
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_2threads --jobs 1
+
+# The study where fine-tuning can overfit (issue 16): 1500 iterations (7.5 times the study's),
+# 10 and 40 target images, a validation split of 100 target images evaluated every 100 iterations
+# (the curves, and the early-stopped model: each run's best validation checkpoint) and a test
+# split of 200 other ones, which every run is reported on and which chooses nothing. One torch
+# thread per run, two runs at a time.
+REGIME_CONFIG := configs/synthetic/study/faster_rcnn_R18_FPN_regime.yaml
+REGIME_SPLITS := --val-size 100 --test-size 200 --val-period 100 --jobs 2 --threads 1
+
+# The unpruned fine-tune's validation curves on 10 and 40 images, 2 seeds: does validation AP
+# peak and fall? -> docs/overfitting.md and docs/figures/overfitting_curves.png, with the
+# reading in docs/overfitting_notes.md (the 4 runs took 21-33 min each on 2 shared cores); then
+# 40 images for 3000 iterations, one seed (41 min) -> docs/overfitting_3000.md.
+overfit-curve: data
+	$(PY) tools/study.py --config-file $(REGIME_CONFIG) --output output/overfit --baselines-only \
+		--seeds 0 1 --train-sizes 10 40 $(REGIME_SPLITS) --report docs/overfitting.md \
+		--notes docs/overfitting_notes.md --title "Where fine-tuning overfits: validation curves of the unpruned fine-tune"
+	$(PY) tools/study.py --config-file $(REGIME_CONFIG) --output output/overfit_long --baselines-only \
+		--seeds 0 --train-sizes 40 $(REGIME_SPLITS) --report docs/overfitting_3000.md \
+		--title "The unpruned fine-tune on 40 images for 3000 iterations" \
+		SOLVER.MAX_ITER 3000 SOLVER.STEPS "(2250, 2760)" SOLVER.CHECKPOINT_PERIOD 500
+
+# The grid of that regime (not run yet; resumes where it stopped): l1, taylor, lrp, mi and random
+# at 50 and 70 % of the block channels, beside the unpruned fine-tune (final and early-stopped)
+# and the unpruned one with a frozen backbone up to res3 and up to res4 (FREEZE_AT 3, 4), on 10
+# and 40 images, 5 seeds: 130 runs.
+REGIME_ARGS := --config-file $(REGIME_CONFIG) $(REGIME_SPLITS) --seeds 0 1 2 3 4 --train-sizes 10 40 --every-size \
+	--criteria l1 taylor lrp mi random --freeze-at 3 4
+
+study-regime: data
+	$(PY) tools/study.py $(REGIME_ARGS) --ratios 0.5 0.7 --output output/study_regime \
+		--title "Transfer study where fine-tuning can overfit (10 and 40 images, 1500 iterations)"
+
+# The same grid pruning the whole detector (every kind of group) to a latency target, on the
+# score per millisecond saved (the latency model is timed once on this machine and cached).
+study-regime-detector: data
+	$(PY) tools/study.py $(REGIME_ARGS) --kinds stem block stage fpn head --latency-reduction 0.3 0.5 \
+		--mode cost --output output/study_regime_detector \
+		--title "Whole-detector pruning to a latency target where fine-tuning can overfit"
 
 # Rebuild the shipped source model (about an hour on 2 cores): pre-training from scratch on the
 # synthetic source domain, then packed as models/faster_rcnn_R18_FPN_source.pth.

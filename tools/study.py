@@ -13,6 +13,13 @@ ratio, for each seed; each run is its own process, or with `--launcher slurm` it
 go to OUTPUT/results.jsonl as they end and a rerun skips them, so a killed study resumes where it
 stopped; `--status` lists the runs pending, running, finished and failed. Then it writes
 OUTPUT/results.{csv,json}, OUTPUT/results.md (or --report) and the plots.
+
+With `--val-size N` each run also evaluates a validation split of N target images every
+`--val-period` iterations (its validation curve, and its early-stopped model: the checkpoint of
+its best validation AP) and is reported on a separate test split; `--freeze-at` adds unpruned
+arms with a frozen backbone, and `--kinds`, `--flops-reduction`/`--latency-reduction` and
+`--mode` prune the whole detector to a FLOPs or latency target (see README, "Where fine-tuning
+can overfit").
 """
 
 import argparse
@@ -39,18 +46,40 @@ def argument_parser():
     parser.add_argument("--output", required=True, metavar="DIR")
     parser.add_argument("--criteria", nargs="+", default=None, help="default: every registered criterion")
     parser.add_argument("--baselines-only", action="store_true", help="only the unpruned fine-tunes (e.g. to check a schedule)")
-    parser.add_argument("--ratios", nargs="+", type=float, default=[0.5])
+    parser.add_argument("--ratios", nargs="+", type=float, default=None,
+                        help="shares of the eligible channels each criterion removes (PRUNE.RATIO; default 0.5)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--flops-reduction", nargs="+", type=float, default=None, metavar="X",
+                        help="instead of --ratios: shares of the detector's FLOPs to remove (PRUNE.FLOPS_REDUCTION)")
+    target.add_argument("--latency-reduction", nargs="+", type=float, default=None, metavar="X",
+                        help="instead of --ratios: shares of its latency here to remove (PRUNE.LATENCY_REDUCTION)")
+    parser.add_argument("--kinds", nargs="+", default=None, metavar="KIND",
+                        help="PRUNE.KINDS of every pruned run, e.g. stem block stage fpn head: the whole detector")
+    parser.add_argument("--mode", choices=["local", "global", "cost"], default=None,
+                        help="PRUNE.MODE of every pruned run (cost: with --flops-reduction or --latency-reduction)")
+    parser.add_argument("--freeze-at", nargs="+", type=int, default=[], metavar="K",
+                        help="baseline arms with less to train: unpruned with MODEL.BACKBONE.FREEZE_AT K")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--train-sizes", nargs="+", type=int, default=[40], help="target train images")
     parser.add_argument("--main-size", type=int, default=None, help="the size every criterion runs at (default: 40 if listed, else the first)")
     parser.add_argument("--size-criteria", nargs="*", default=[], help="criteria also run at the other sizes")
     parser.add_argument("--size-ratio", type=float, default=0.5, help="their ratio at the other sizes")
+    parser.add_argument("--every-size", action="store_true", help="every criterion and ratio at every train size")
+    parser.add_argument("--val-size", type=int, default=0,
+                        help="a validation split of this many target images, evaluated every --val-period "
+                             "iterations: validation curves and early-stopped models (default 0: none)")
+    parser.add_argument("--test-size", type=int, default=200,
+                        help="with --val-size: the test split the runs are reported on (disjoint from it)")
+    parser.add_argument("--val-period", type=int, default=100, help="iterations between validation evaluations")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel (threads split between them)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each local run (default: the CPU cores shared between --jobs)")
     parser.add_argument("--data-root", default="datasets/synthetic_study", help="where the target train subsets go")
     parser.add_argument("--image-size", type=int, default=192, help="side of the generated target images")
     parser.add_argument("--report", default=None, metavar="MD", help="markdown report (default: OUTPUT/results.md)")
     parser.add_argument("--latency-repeats", type=int, default=20)
     parser.add_argument("--notes", default=None, metavar="MD", help="a hand-written reading of the results, put in the report")
+    parser.add_argument("--title", default="Transfer study", help="the report's title")
     parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
     parser.add_argument("--status", action="store_true",
                         help="start no run: list the planned runs pending, running, finished and failed (with their logs)")

@@ -8,8 +8,12 @@ import statistics
 from collections import Counter, defaultdict
 from typing import Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["summarize", "answer", "coverage", "markdown_table", "delta_table", "versus", "plot_delta", "plot_ap_vs_flops", "plot_ap_vs_train_size",
-           "spec_key", "write_csv", "paired_t_test"]
+__all__ = [
+    "summarize", "answer", "coverage", "markdown_table", "delta_table", "versus", "plot_delta", "plot_ap_vs_flops",
+    "plot_ap_vs_train_size", "spec_key", "write_csv", "paired_t_test", "is_baseline", "arm_label",
+    "paired_differences", "mean_curve", "curve_verdict", "overfitting_lines", "regime_table", "regime_section",
+    "plot_curves", "plot_ap_vs_latency",
+]
 
 
 def spec_key(spec: Mapping[str, int]) -> str:
@@ -38,20 +42,51 @@ def paired_t_test(differences: Sequence[float]) -> float:
     return float(2 * stats.t.sf(abs(t), df=n - 1))
 
 
-def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], Optional[float]]] = None) -> List[Dict]:
-    """One row per (train size, criterion, ratio), baseline rows (criterion None) included:
-    mean and std over seeds of AP and AP50; params and FLOPs; and, against the baseline of the
-    same train size on the seeds both have, the mean and std of the AP difference, its paired
-    t-test p-value, and FLOPs/params/latency as shares of the baseline's."""
+def is_baseline(r: Mapping) -> bool:
+    """Whether a result or row is the unpruned fine-tune that the other arms are compared with
+    (not an unpruned arm with a frozen backbone)."""
+    return r["criterion"] is None and r.get("freeze_at") is None
+
+
+def arm_label(r: Mapping) -> str:
+    """What a result or row is, in words: `unpruned`, `unpruned, FREEZE_AT 3`, `l1 ratio 0.5`,
+    `l1 FLOPs -50 %`, `l1 latency -50 %`."""
+    if r["criterion"] is None:
+        return "unpruned" if r.get("freeze_at") is None else f"unpruned, FREEZE_AT {r['freeze_at']}"
+    target = r.get("target", "channels")
+    if target == "channels":
+        return f"{r['criterion']} ratio {r['ratio']:g}"
+    return f"{r['criterion']} {'FLOPs' if target == 'flops' else 'latency'} -{100 * r['ratio']:.0f} %"
+
+
+def _arm_key(r: Mapping) -> Tuple:
+    return r["train_size"], r["criterion"], r.get("target", "channels"), r["ratio"], r.get("freeze_at")
+
+
+def _arm_order(r: Mapping) -> Tuple:
+    kind = 0 if is_baseline(r) else 1 if r["criterion"] is None else 2
+    return r["train_size"], kind, r.get("freeze_at") or 0, r.get("target", "channels"), r["ratio"], r["criterion"] or ""
+
+
+def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], Optional[float]]] = None,
+              metric: str = "bbox_AP") -> List[Dict]:
+    """One row per arm (train size, criterion, target and ratio, or unpruned with or without
+    FREEZE_AT), baseline rows (unpruned) included: mean and std over seeds of `metric` (AP: the
+    final weights' `bbox_AP`, or the early-stopped model's `es_bbox_AP`) and its AP50; params and
+    FLOPs; and, against the baseline of the same train size on the seeds both have, the mean and
+    std of the AP difference (the same metric on both sides), its paired t-test p-value, and
+    FLOPs/params/latency as shares of the baseline's. Results without `metric` are left out."""
     cells: Dict[Tuple, List[Mapping]] = defaultdict(list)
     for r in results:
-        cells[r["train_size"], r["criterion"], r["ratio"]].append(r)
+        if r.get(metric) is not None:
+            cells[_arm_key(r)].append(r)
     rows = []
-    for (size, criterion, ratio), runs in cells.items():
-        ap, ap_std = _mean_std([r["bbox_AP"] for r in runs])
-        ap50, ap50_std = _mean_std([r["bbox_AP50"] for r in runs])
+    for (size, criterion, target, ratio, freeze_at), runs in cells.items():
+        ap, ap_std = _mean_std([r[metric] for r in runs])
+        ap50, ap50_std = _mean_std([r[f"{metric}50"] for r in runs])
         rows.append({
-            "train_size": size, "criterion": criterion, "ratio": ratio, "seeds": sorted(r["seed"] for r in runs),
+            "train_size": size, "criterion": criterion, "target": target, "ratio": ratio, "freeze_at": freeze_at,
+            "metric": metric, "seeds": sorted(r["seed"] for r in runs),
             "AP": ap, "AP_std": ap_std, "AP50": ap50, "AP50_std": ap50_std,
             "params": statistics.fmean(r["params"] for r in runs),
             "flops": statistics.fmean(r["flops"] for r in runs),
@@ -59,13 +94,12 @@ def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], 
             "latency_ms": latency(runs[0]) if latency else None,
             "runs": runs,
         })
-    baselines = {row["train_size"]: row for row in rows if row["criterion"] is None}
+    baselines = {row["train_size"]: row for row in rows if is_baseline(row)}
     for row in rows:
         base = baselines.get(row["train_size"])
         if base is None:
             continue
-        base_ap = {r["seed"]: r["bbox_AP"] for r in base["runs"]}
-        diffs = [r["bbox_AP"] - base_ap[r["seed"]] for r in row["runs"] if r["seed"] in base_ap]
+        diffs = paired_differences(row["runs"], base["runs"], metric)
         row["diffs"] = diffs
         row["dAP"], row["dAP_std"] = _mean_std(diffs) if diffs else (float("nan"), float("nan"))
         row["pairs"] = len(diffs)
@@ -74,19 +108,29 @@ def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], 
             row[f"{key}_share"] = row[key] / base[key]
         if row["latency_ms"] and base["latency_ms"]:
             row["latency_share"] = row["latency_ms"] / base["latency_ms"]
-    rows.sort(key=lambda r: (r["train_size"], r["criterion"] is not None, r["ratio"], r["criterion"] or ""))
+    rows.sort(key=_arm_order)
     return rows
+
+
+def paired_differences(runs: Sequence[Mapping], reference: Sequence[Mapping], metric: str = "bbox_AP",
+                       reference_metric: Optional[str] = None) -> List[float]:
+    """`metric` of each run minus `reference_metric` (default: the same) of the reference run
+    with the same seed, for the seeds both have."""
+    other = {r["seed"]: r[reference_metric or metric] for r in reference if r.get(reference_metric or metric) is not None}
+    return [r[metric] - other[r["seed"]] for r in runs if r["seed"] in other and r.get(metric) is not None]
 
 
 def answer(rows: Sequence[Mapping], train_size: int) -> List[str]:
     """Plain sentences: for each criterion, the largest backbone-FLOPs reduction at which it beats
     the baseline (mean AP difference paired by seed above zero) or matches it (within the
     baseline's std over seeds), on `train_size` target images."""
-    base = next((r for r in rows if r["criterion"] is None and r["train_size"] == train_size), None)
+    base = next((r for r in rows if is_baseline(r) and r["train_size"] == train_size), None)
     if base is None:
         return [f"No baseline on {train_size} images yet."]
     tolerance = base["AP_std"] if not math.isnan(base["AP_std"]) else 0.0
-    lines = [f"Baseline (unpruned fine-tune, {len(base['seeds'])} seeds): AP {base['AP']:.2f} ± {tolerance:.2f}."]
+    seeds = len(base["seeds"])
+    spread = f" ± {tolerance:.2f}" if seeds > 1 else ""
+    lines = [f"Baseline (unpruned fine-tune, {seeds} seed{'s' if seeds > 1 else ''}): AP {base['AP']:.2f}{spread}."]
     by_criterion = defaultdict(list)
     for r in rows:
         if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs"):
@@ -158,7 +202,12 @@ def coverage(planned: Sequence[Mapping], finished: Collection[str], main_size: i
         return ""
     counts: Dict[str, List[int]] = {}
     for job in planned:
-        kind = "unpruned" if job["criterion"] is None else f"ratio {job['ratio']:g}"
+        if job["criterion"] is None:
+            kind = arm_label(job)
+        elif job.get("target", "channels") == "channels":
+            kind = f"ratio {job['ratio']:g}"
+        else:
+            kind = f"{job['target']} -{100 * job['ratio']:.0f} %"
         if job["train_size"] != main_size:
             kind += f" on {job['train_size']} images"
         cell = counts.setdefault(kind, [0, 0])
@@ -196,11 +245,11 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
             "| backbone GFLOPs | latency ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        base = r["criterion"] is None
+        base = is_baseline(r)
         lines.append("| " + " | ".join([
             str(r["train_size"]),
-            "**unpruned**" if base else r["criterion"],
-            "–" if base else f"{r['ratio']:g}",
+            "**unpruned**" if base else r["criterion"] or arm_label(r),
+            "–" if r["criterion"] is None else _amount(r),
             str(len(r["seeds"])),
             f"{r['AP']:.2f} ± {_fmt(r['AP_std'], '.2f')}",
             f"{r['AP50']:.2f} ± {_fmt(r['AP50_std'], '.2f')}",
@@ -211,6 +260,12 @@ def markdown_table(rows: Sequence[Mapping]) -> str:
             _fmt(r["latency_ms"]) + ("" if base or "latency_share" not in r else f" ({100 * r['latency_share']:.0f} %)"),
         ]) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _amount(r: Mapping) -> str:
+    """A pruned arm's amount: the ratio of channels, or the share of FLOPs or latency removed."""
+    target = r.get("target", "channels")
+    return f"{r['ratio']:g}" if target == "channels" else f"-{100 * r['ratio']:.0f} % {target}"
 
 
 def _pooled(cells: Sequence[Mapping]) -> Dict[float, Tuple[float, float, int]]:
@@ -303,12 +358,14 @@ def _plt():
     return plt
 
 
-def plot_ap_vs_flops(rows: Sequence[Mapping], train_size: int, path: str) -> str:
+def plot_ap_vs_flops(rows: Sequence[Mapping], train_size: int, path: str) -> Optional[str]:
     """AP (mean ± std over seeds) against backbone GFLOPs, one line per criterion, with the
-    baseline's mean and seed spread as a band."""
+    baseline's mean and seed spread as a band; None when nothing was pruned on `train_size` images."""
+    if not any(r["criterion"] and r["train_size"] == train_size for r in rows):
+        return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    base = next((r for r in rows if r["criterion"] is None and r["train_size"] == train_size), None)
+    base = next((r for r in rows if is_baseline(r) and r["train_size"] == train_size), None)
     if base is not None:
         std = 0.0 if math.isnan(base["AP_std"]) else base["AP_std"]
         ax.axhspan(base["AP"] - std, base["AP"] + std, color="0.85", zorder=0)
@@ -324,7 +381,7 @@ def plot_ap_vs_flops(rows: Sequence[Mapping], train_size: int, path: str) -> str
         ax.errorbar(x, [r["AP"] for r in cells], yerr=yerr, marker=_MARKERS[i % len(_MARKERS)], ms=5,
                     capsize=2, lw=1, color=plt.cm.tab20(i % 20), label=name)
     ax.set_xlabel("backbone GFLOPs at the test resolution")
-    ax.set_ylabel("target val bbox AP")
+    ax.set_ylabel("bbox AP on DATASETS.TEST, final weights")
     ax.set_title(f"Pruned fine-tunes vs the unpruned one ({train_size} target images)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
@@ -373,24 +430,235 @@ def plot_ap_vs_train_size(rows: Sequence[Mapping], path: str) -> Optional[str]:
     that was run at more than one size; None when the study has one size only."""
     series = defaultdict(list)
     for r in rows:
-        series[r["criterion"], r["ratio"]].append(r)
+        series[r["criterion"], r["ratio"], r.get("target", "channels"), r.get("freeze_at")].append(r)
     series = {k: sorted(v, key=lambda r: r["train_size"]) for k, v in series.items() if len(v) > 1}
     if not series:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (name, ratio), cells in sorted(series.items(), key=lambda kv: (kv[0][0] is not None, str(kv[0]))):
-        label = "unpruned" if name is None else f"{name} {ratio:g}"
+    for key, cells in sorted(series.items(), key=lambda kv: (not is_baseline(kv[1][0]), str(kv[0]))):
+        name, label = key[0], arm_label(cells[0])
         yerr = [0.0 if math.isnan(r["AP_std"]) else r["AP_std"] for r in cells]
         ax.errorbar([r["train_size"] for r in cells], [r["AP"] for r in cells], yerr=yerr, marker="o",
-                    capsize=3, lw=2 if name is None else 1, color="k" if name is None else None, label=label)
+                    capsize=3, lw=2 if name is None else 1, color="k" if is_baseline(cells[0]) else None, label=label)
     ax.set_xscale("log")
     ax.set_xticks(sorted({r["train_size"] for v in series.values() for r in v}))
     ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("target training images")
-    ax.set_ylabel("target val bbox AP")
+    ax.set_ylabel("bbox AP on DATASETS.TEST, final weights")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# How far below its best a validation curve must end to be said to fall: about the AP that two
+# runs differing only in the order of float sums (thread count) or the seed lie apart.
+FALL_TOLERANCE = 0.5
+# Consecutive evaluations averaged before the best and the end of a curve are compared: the
+# highest single evaluation of a noisy curve is biased upwards, and so is its drop to the end.
+SMOOTHING = 3
+
+
+def has_validation(results: Sequence[Mapping]) -> bool:
+    """Whether any run evaluated a validation split while it trained (see `regime_section`)."""
+    return any(r.get("val_curve") for r in results)
+
+
+def mean_curve(runs: Sequence[Mapping], key: str = "val_curve", column: int = 1) -> Tuple[List[int], List[float]]:
+    """The mean over `runs` of one column of their curves ([iteration, value, ...] lists), on the
+    iterations every run has."""
+    curves = [{int(p[0]): p[column] for p in r[key]} for r in runs if r.get(key)]
+    if not curves:
+        return [], []
+    iters = sorted(set.intersection(*(set(c) for c in curves)))
+    return iters, [statistics.fmean(c[i] for c in curves) for i in iters]
+
+
+def curve_verdict(iters: Sequence[int], values: Sequence[float], tolerance: float = FALL_TOLERANCE,
+                  window: int = SMOOTHING) -> Dict:
+    """Where a validation curve peaks and whether it falls: the highest evaluation ("peak_iter",
+    "peak"), the last one ("final_iter", "final"), and on the means of `window` consecutive
+    evaluations the best ("best_iter": the middle one, "best") and the last ("end"); "drop" is
+    best - end, and the curve `falls` when that exceeds `tolerance`."""
+    top = max(range(len(values)), key=lambda i: (values[i], -i))
+    window = max(1, min(window, len(values)))
+    means = [statistics.fmean(values[i:i + window]) for i in range(len(values) - window + 1)]
+    best = max(range(len(means)), key=lambda i: (means[i], -i))
+    drop = means[best] - means[-1]
+    return {"peak_iter": iters[top], "peak": values[top], "final_iter": iters[-1], "final": values[-1],
+            "best_iter": iters[best + window // 2], "best": means[best], "end": means[-1], "drop": drop,
+            "falls": drop > tolerance}
+
+
+def overfitting_lines(results: Sequence[Mapping]) -> List[str]:
+    """One sentence per train size and unpruned arm: does its validation AP (mean over seeds)
+    peak and then fall, where, by how much, and how its training loss moved."""
+    lines = []
+    arms = defaultdict(list)
+    for r in results:
+        if r["criterion"] is None and r.get("val_curve"):
+            arms[r["train_size"], r.get("freeze_at") or 0].append(r)
+    for (size, _), runs in sorted(arms.items()):
+        iters, values = mean_curve(runs)
+        v = curve_verdict(iters, values)
+        loss_iters, losses = mean_curve(runs, "loss_curve")
+        seeds = f"{len(runs)} seed{'s' if len(runs) > 1 else ''}"
+        mean = (f"averaged over {SMOOTHING} consecutive evaluations it is best around iteration {v['best_iter']} "
+                f"({v['best']:.2f}) and ends at {v['end']:.2f}, {v['drop']:.2f} lower")
+        shape = (f"{mean}: it falls (by more than {FALL_TOLERANCE:g})" if v["falls"]
+                 else f"{mean}: within {FALL_TOLERANCE:g}, it does not clearly fall" if v["drop"] > 0
+                 else f"{mean}: it is at its best at the end")
+        loss = (f"; training loss {losses[0]:.3f} at iteration {loss_iters[0]}, {min(losses):.3f} at its lowest, "
+                f"{losses[-1]:.3f} at the end" if losses else "")
+        lines.append(f"{arm_label(runs[0])} on {size} images ({seeds}): validation AP peaks at {v['peak']:.2f} at "
+                     f"iteration {v['peak_iter']} and is {v['final']:.2f} at iteration {v['final_iter']}; {shape}{loss}.")
+    return lines
+
+
+def _diff_cell(diffs: Sequence[float]) -> str:
+    if not diffs:
+        return "–"
+    mean, std = _mean_std(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+.2f} (1)"
+    return f"{mean:+.2f} ± {std:.2f}{'*' if paired_t_test(diffs) < 0.05 else ''} ({len(diffs)})"
+
+
+def _ap_cell(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    return f"{mean:.2f} ± {_fmt(std, '.2f')}"
+
+
+def regime_table(results: Sequence[Mapping], train_size: int, latency: Optional[Mapping[str, float]] = None) -> str:
+    """Every arm on `train_size` images, final and early-stopped, on the test split: the test AP
+    of the final weights and of the early-stopped model (mean ± std over seeds), the iterations
+    at which the runs stopped, and their AP differences paired by seed with the fair baseline,
+    the early-stopped unpruned fine-tune (`*`: paired t-test p < 0.05); the last column against
+    the unpruned fine-tune run to the end, as the first study compared."""
+    runs = [r for r in results if r["train_size"] == train_size and r.get("es_bbox_AP") is not None]
+    arms = defaultdict(list)
+    for r in runs:
+        arms[_arm_key(r)].append(r)
+    base = next((v for v in arms.values() if is_baseline(v[0])), [])
+    head = ("| arm | seeds | test AP, final | test AP, early-stopped | stopped at iteration | latency ms "
+            "| final − unpruned early-stopped | early-stopped − unpruned early-stopped | final − unpruned final |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for key in sorted(arms, key=lambda k: _arm_order(arms[k][0])):
+        cell = arms[key]
+        stops = sorted(r["es_iter"] for r in cell)
+        ms = latency.get(spec_key(cell[0]["spec"])) if latency else None
+        lines.append("| " + " | ".join([
+            f"**{arm_label(cell[0])}**" if is_baseline(cell[0]) else arm_label(cell[0]),
+            str(len(cell)),
+            _ap_cell([r["bbox_AP"] for r in cell]),
+            _ap_cell([r["es_bbox_AP"] for r in cell]),
+            " / ".join(str(i) for i in stops),
+            _fmt(ms),
+            _diff_cell(paired_differences(cell, base, "bbox_AP", "es_bbox_AP")),
+            "–" if is_baseline(cell[0]) else _diff_cell(paired_differences(cell, base, "es_bbox_AP")),
+            "–" if is_baseline(cell[0]) else _diff_cell(paired_differences(cell, base, "bbox_AP")),
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def regime_section(results: Sequence[Mapping], plots: Sequence[Optional[str]], folder: str,
+                   latency: Optional[Mapping[str, float]] = None) -> List[str]:
+    """The markdown of a study whose runs had a validation split: the overfitting sentences, a
+    final-vs-early-stopped table per train size, and `plots` (linked relative to `folder`)."""
+    import os
+
+    if not has_validation(results):
+        return []
+    first = next(r for r in results if r.get("val_curve"))
+    parts = [
+        "## Validation curves and early stopping\n",
+        f"Each run evaluated the validation split `{first['val_dataset']}` while it trained; its early-stopped "
+        "model is the checkpoint of its best validation AP (for a pruned run, the best after its last pruning "
+        f"event), evaluated once on the test split `{first['test_dataset']}`, which chose nothing.\n",
+        *(f"- {line}" for line in overfitting_lines(results)),
+        "",
+    ]
+    for size in sorted({r["train_size"] for r in results if r.get("es_bbox_AP") is not None}):
+        parts += [f"### {size} target images (test AP)\n", regime_table(results, size, latency)]
+    parts += [f"![{os.path.basename(p)}]({os.path.relpath(p, folder)})\n" for p in plots if p]
+    return parts
+
+
+def plot_curves(results: Sequence[Mapping], path: str) -> Optional[str]:
+    """Validation AP (top) and training loss (bottom) against the iteration, one column per train
+    size, one line per arm (mean over its seeds; the unpruned fine-tune in black, its seeds in
+    grey), each peak marked; None when no run has a validation curve."""
+    runs = [r for r in results if r.get("val_curve")]
+    if not runs:
+        return None
+    plt = _plt()
+    sizes = sorted({r["train_size"] for r in runs})
+    fig, axes = plt.subplots(2, len(sizes), figsize=(5.2 * len(sizes), 6.4), sharex=True, squeeze=False)
+    for col, size in enumerate(sizes):
+        arms = defaultdict(list)
+        for r in runs:
+            if r["train_size"] == size:
+                arms[_arm_key(r)].append(r)
+        for i, key in enumerate(sorted(arms, key=lambda k: _arm_order(arms[k][0]))):
+            cell = arms[key]
+            colour = "k" if is_baseline(cell[0]) else plt.cm.tab20(i % 20)
+            label = f"{arm_label(cell[0])} ({len(cell)} seed{'s' if len(cell) > 1 else ''})"
+            iters, values = mean_curve(cell)
+            axes[0][col].plot(iters, values, color=colour, lw=2 if is_baseline(cell[0]) else 1, marker=".", label=label)
+            if is_baseline(cell[0]) and len(cell) > 1:  # how far one seed is from the next
+                for r in cell:
+                    axes[0][col].plot(*mean_curve([r]), color=colour, lw=0.7, alpha=0.35)
+            v = curve_verdict(iters, values)
+            axes[0][col].plot([v["peak_iter"]], [v["peak"]], marker="*", ms=12, color=colour)
+            loss_iters, losses = mean_curve(cell, "loss_curve")
+            axes[1][col].plot(loss_iters, losses, color=colour, lw=1.5 if is_baseline(cell[0]) else 1)
+        axes[0][col].set_title(f"{size} target images", fontsize=10)
+        axes[0][col].set_ylabel("validation bbox AP")
+        axes[1][col].set_ylabel("training loss (median of 20 iterations)")
+        axes[1][col].set_xlabel("iteration (4 images each)")
+        axes[0][col].legend(fontsize=7)
+        for ax in axes[:, col]:
+            ax.grid(alpha=0.3)
+    fig.suptitle("Validation AP and training loss while fine-tuning (star: the peak)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ap_vs_latency(results: Sequence[Mapping], latency: Mapping[str, float], train_size: int, path: str) -> Optional[str]:
+    """Test AP against the measured whole-detector latency, one point per arm on `train_size`
+    images (mean ± std over seeds): filled for the final weights, hollow for the early-stopped
+    model; the unpruned fine-tune in black. None without latencies."""
+    arms = defaultdict(list)
+    for r in results:
+        if r["train_size"] == train_size and spec_key(r["spec"]) in latency:
+            arms[_arm_key(r)].append(r)
+    if not arms:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, key in enumerate(sorted(arms, key=lambda k: _arm_order(arms[k][0]))):
+        cell = arms[key]
+        x = latency[spec_key(cell[0]["spec"])]
+        colour = "k" if is_baseline(cell[0]) else plt.cm.tab20(i % 20)
+        marker = "s" if cell[0]["criterion"] is None else _MARKERS[i % len(_MARKERS)]
+        final, final_std = _mean_std([r["bbox_AP"] for r in cell])
+        ax.errorbar([x], [final], yerr=[0.0 if math.isnan(final_std) else final_std], marker=marker, color=colour,
+                    capsize=2, ms=6, ls="none", label=arm_label(cell[0]))
+        stopped = [r["es_bbox_AP"] for r in cell if r.get("es_bbox_AP") is not None]
+        if stopped:
+            ax.plot([x], [statistics.fmean(stopped)], marker=marker, mfc="none", color=colour, ms=8, ls="none")
+    ax.set_xlabel("whole-detector latency, ms (median, CPU, one image at the test resolution)")
+    ax.set_ylabel("test bbox AP")
+    ax.set_title(f"AP against measured latency ({train_size} target images; hollow: early-stopped)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -405,7 +673,8 @@ def write_csv(rows: Sequence[Mapping], path: str) -> None:
     from d2prune.utils.io import atomic_write_text
 
     runs = [run for row in rows for run in row["runs"]]
-    keys = [k for k in runs[0] if k != "spec"] if runs else []
+    # The spec and the curves are lists and dicts: results.jsonl holds them.
+    keys = list(dict.fromkeys(k for run in runs for k in run if k not in ("spec", "val_curve", "loss_curve")))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
@@ -429,12 +698,13 @@ def _delta_section(rows: Sequence[Mapping], main_size: int) -> List[str]:
 def write_report(
     path: str, rows: Sequence[Mapping], main_size: int, plots: Sequence[str], command: str,
     machine: str, elapsed: str, title: str = "Transfer study", notes: str = "", status: str = "",
-    threads: str = "",
+    threads: str = "", sections: Sequence[str] = (),
 ) -> str:
     """The study as markdown at `path`: the answer in sentences, `notes` (a hand-written reading
     of the numbers, kept when the report is regenerated), ΔAP by criterion and ratio, the full
     table, the plots (linked relative to `path`), the command that produced it, the machine, the
-    time taken and `threads` (`thread_counts`)."""
+    time taken and `threads` (`thread_counts`); `sections` (markdown, e.g. `regime_section`)
+    go after the notes."""
     import os
 
     from d2prune.utils.io import atomic_write_text
@@ -445,11 +715,13 @@ def write_report(
         *([f"**{status}**\n"] if status else []),
         "Fine-tunes of the source model on the synthetic target domain: the unpruned fine-tune "
         "(baseline) and fine-tunes that prune while they train, with the same seeds and schedule; "
-        "evaluated on the target val split. ΔAP is paired by seed; p is the paired t-test's.\n",
+        "evaluated on the target val split (with a validation split: on the test split cut beside it). ΔAP is "
+        "paired by seed; p is the paired t-test's.\n",
         "## Answer\n",
         *(f"- {line}" for line in answer(rows, main_size)),
         "",
         *([notes.strip() + "\n"] if notes.strip() else []),
+        *sections,
         *_delta_section(rows, main_size),
         "## Table\n",
         markdown_table(rows),

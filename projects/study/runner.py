@@ -15,7 +15,7 @@ import os
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -25,20 +25,22 @@ from tqdm import tqdm
 
 from d2prune import criteria
 from d2prune.complexity import count_flops, count_params
-from d2prune.config import setup_cfg
 from d2prune.data import register_datasets, validate_datasets
 from d2prune.data.synthetic import generate, split_paths
-from d2prune.engine.oneshot import bbox_metrics
+from d2prune.engine.checkpoint import PrunedCheckpointer
+from d2prune.engine.oneshot import bbox_metrics, evaluate
 from d2prune.engine.selection import sample_inputs
-from d2prune.engine.trainer import PruningTrainer, Trainer
+from d2prune.engine.trainer import Trainer
 from d2prune.errors import UserError
 from d2prune.pruning import channel_spec
 from d2prune.utils.io import atomic_write_text
 from d2prune.utils.modules import unwrap
+from projects.study.config import setup_study_cfg
+from projects.study.validation import BEST, ValidationHook, trainer_class
 
 __all__ = [
-    "Job", "plan", "prepare_target_subsets", "run_job", "run_study", "worker_main", "record_result",
-    "load_results", "merge_results",
+    "Job", "TARGETS", "plan", "prepare_target_subsets", "prepare_eval_splits", "split_name", "run_job",
+    "early_stopped", "loss_curve", "run_study", "worker_main", "record_result", "load_results", "merge_results",
 ]
 
 logger = logging.getLogger(__name__)
@@ -51,27 +53,45 @@ RESULTS_DIR = "results"
 LAUNCH = "launch.json"
 
 
+# The PRUNE key that holds a pruned run's amount, by what the amount is a share of.
+TARGETS = {"channels": "PRUNE.RATIO", "flops": "PRUNE.FLOPS_REDUCTION", "latency": "PRUNE.LATENCY_REDUCTION"}
+
+
 @dataclass(frozen=True)
 class Job:
-    """One fine-tune of the study. `criterion` None is the unpruned baseline."""
+    """One fine-tune of the study. `criterion` None is an unpruned run: the baseline, or with
+    `freeze_at` a baseline with less to train (MODEL.BACKBONE.FREEZE_AT). A pruned run removes
+    `ratio` of its `target`: of the eligible channels (PRUNE.RATIO), of the FLOPs
+    (PRUNE.FLOPS_REDUCTION) or of the latency (PRUNE.LATENCY_REDUCTION)."""
 
     criterion: Optional[str]
     ratio: float
     seed: int
     train_size: int
+    target: str = "channels"
+    freeze_at: Optional[int] = None
 
     @property
     def name(self) -> str:
-        what = "baseline" if self.criterion is None else f"{self.criterion}_r{self.ratio:g}"
+        if self.criterion is None:
+            what = "baseline" if self.freeze_at is None else f"freeze{self.freeze_at}"
+        else:
+            amount = {"channels": "r", "flops": "flops", "latency": "latency"}[self.target]
+            what = f"{self.criterion}_{amount}{self.ratio:g}"
         return f"{what}_n{self.train_size}_s{self.seed}"
 
     def overrides(self) -> List[str]:
         """KEY VALUE pairs that make the study config into this run."""
         opts = ["SEED", str(self.seed), "DATASETS.TRAIN", f"('{train_dataset(self.train_size)}',)"]
         if self.criterion is None:
-            return opts + ["PRUNE.ENABLED", "False"]
-        return opts + ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion,
-                       "PRUNE.RATIO", str(self.ratio)]
+            opts += ["PRUNE.ENABLED", "False"]
+            return opts if self.freeze_at is None else opts + ["MODEL.BACKBONE.FREEZE_AT", str(self.freeze_at)]
+        return opts + ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion, TARGETS[self.target], str(self.ratio)]
+
+    @classmethod
+    def of(cls, result: Dict) -> "Job":
+        """The job of a recorded result (results of older studies lack the later fields)."""
+        return cls(**{f.name: result[f.name] for f in fields(cls) if f.name in result})
 
 
 def plan(
@@ -82,24 +102,35 @@ def plan(
     main_size: int,
     size_criteria: Sequence[str] = (),
     size_ratio: float = 0.5,
+    target: str = "channels",
+    freeze_ats: Sequence[int] = (),
+    every_size: bool = False,
 ) -> List[Job]:
-    """The study's runs: every criterion x ratio x seed on `main_size` target images, plus, for
-    each other train size, the baseline and `size_criteria` at `size_ratio`. Baselines come
-    first, so the comparison has its reference as early as possible, then seed by seed."""
+    """The study's runs: every criterion x ratio x seed on `main_size` target images (on every
+    train size with `every_size`), plus, for each other train size, `size_criteria` at
+    `size_ratio`; the ratios are shares of `target` (see `Job`). Unpruned runs on every size:
+    the baseline and one arm per `freeze_ats`. Unpruned runs come first, so the comparison has
+    its reference as early as possible, then seed by seed."""
     for name in dict.fromkeys([*criteria_names, *size_criteria]):
         if name not in criteria.available():
             criteria.build(name)  # a UserError that suggests the closest names
+    if target not in TARGETS:
+        raise UserError(f"pruning target {target!r} is not one of {', '.join(TARGETS)}.")
     for ratio in list(ratios) + [size_ratio]:
         if not 0 < ratio < 1:
             raise UserError(f"pruning ratio {ratio} is outside (0, 1).")
+    for k in freeze_ats:
+        if not 1 <= k <= 5:
+            raise UserError(f"MODEL.BACKBONE.FREEZE_AT {k} of a baseline arm is outside 1..5 (stem, res2..res5).")
     if main_size not in train_sizes:
         train_sizes = [main_size, *train_sizes]
-    jobs = [Job(None, 0.0, s, n) for n in train_sizes for s in seeds]
+    jobs = [Job(None, 0.0, s, n, freeze_at=k) for n in train_sizes for s in seeds for k in [None, *freeze_ats]]
     # Seed by seed, so that a study stopped early has every criterion on the first seeds.
-    jobs += [Job(c, r, s, main_size) for s in seeds for r in ratios for c in criteria_names]
+    pruned_sizes = train_sizes if every_size else [main_size]
+    jobs += [Job(c, r, s, n, target) for s in seeds for n in pruned_sizes for r in ratios for c in criteria_names]
     jobs += [
-        Job(c, size_ratio, s, n)
-        for n in train_sizes if n != main_size for c in size_criteria for s in seeds
+        Job(c, size_ratio, s, n, target)
+        for n in train_sizes if n not in pruned_sizes for c in size_criteria for s in seeds
     ]
     return list(dict.fromkeys(jobs))
 
@@ -133,6 +164,38 @@ def prepare_target_subsets(root: str, sizes: Iterable[int], image_size: int = 19
     return entries
 
 
+def prepare_eval_splits(root: str, val_size: int, test_size: int, image_size: int = 192) -> List[List[str]]:
+    """Generate the synthetic target val split with `test_size + val_size` images under `root`
+    (the generator seeds each image by its index, so these are the images of the default target
+    val split, and more when it has fewer) and cut it in two disjoint files: the test split, its
+    first `test_size` images, on which runs are reported; the validation split, the next
+    `val_size`, on which they choose their early-stopped checkpoint. The test split stays the same
+    whatever the validation size. Returns the [name, json, image root] entries, test first."""
+    if val_size < 1 or test_size < 1:
+        raise UserError(f"--val-size and --test-size must be positive, got {val_size} and {test_size}.")
+    generate(root, "target", "val", test_size + val_size, image_size=image_size)
+    json_file, image_root = split_paths(root, "target", "val")
+    with open(json_file, encoding="utf-8") as f:
+        data = json.load(f)
+    images = sorted(data["images"], key=lambda im: im["id"])
+    entries = []
+    for name, part in ((split_name("test", test_size), images[:test_size]),
+                       (split_name("validation", val_size), images[test_size:test_size + val_size])):
+        ids = {im["id"] for im in part}
+        subset = dict(data, images=part, annotations=[a for a in data["annotations"] if a["image_id"] in ids])
+        path = os.path.join(root, f"{name[len('study_'):]}.json")
+        text = json.dumps(subset)
+        if read_text(path) != text:
+            atomic_write_text(path, text)
+        entries.append([name, path, str(image_root)])
+    return entries
+
+
+def split_name(split: str, size: int) -> str:
+    """The registered name of the study's `split` ("test" or "validation") of `size` images."""
+    return f"study_target_{split}_{size}"
+
+
 def read_text(path: str) -> Optional[str]:
     """The text of file `path`, or None when there is none."""
     if not os.path.isfile(path):
@@ -143,22 +206,26 @@ def read_text(path: str) -> Optional[str]:
 
 def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequence[str]], opts: Sequence[str] = ()) -> Dict:
     """Fine-tune one run in this process (resuming from its last checkpoint if there is one),
-    then write `run_dir/result.json`: the job, bbox AP/AP50/AP75 on the test set, params, FLOPs,
-    the final channel spec, the training time and the torch thread count."""
-    cfg = setup_cfg(config_file, list(opts) + job.overrides(), datasets)
+    then write `run_dir/result.json`: the job, bbox AP/AP50/AP75 of the final weights on the test
+    set (DATASETS.TEST), params, FLOPs, the final channel spec, the training loss curve, the
+    training time and the torch thread count. With a validation split (STUDY.VAL_DATASET) also
+    its curve (`val_curve`: [iterations, AP, AP50] per evaluation) and the early-stopped model:
+    the iteration of the best validation AP (`es_iter`), that AP (`es_val_AP`) and its test AP
+    (`es_bbox_AP`, `es_bbox_AP50`, `es_bbox_AP75`)."""
+    cfg = setup_study_cfg(config_file, list(opts) + job.overrides(), datasets)
     cfg.OUTPUT_DIR = run_dir
     cfg.freeze()
     os.makedirs(run_dir, exist_ok=True)
     setup_logger(output=run_dir, name="detectron2", abbrev_name="d2")
     setup_logger(output=run_dir, name="d2prune")
     register_datasets(cfg)
-    validate_datasets(cfg)
+    validate_datasets(cfg, [*cfg.DATASETS.TRAIN, *cfg.DATASETS.TEST, *filter(None, [cfg.STUDY.VAL_DATASET])])
     # What detectron2's default_setup does for tools/train_net.py: the job's seed fixes the data
     # order (TrainingSampler draws its seed from numpy) and the init of new layers. Without it
     # every run of one seed trained on another order (measured: up to 1.1 AP apart).
     seed_all_rng(None if cfg.SEED < 0 else cfg.SEED)
     start = time.perf_counter()
-    trainer = (PruningTrainer if cfg.PRUNE.ENABLED else Trainer)(cfg)
+    trainer = trainer_class(cfg)(cfg)
     trainer.resume_or_load(resume=True)
     results = trainer.train()
     if not results:
@@ -169,27 +236,70 @@ def run_job(config_file: str, job: Job, run_dir: str, datasets: Sequence[Sequenc
         **asdict(job),
         "name": job.name,
         **bbox_metrics(results),
+        "test_dataset": cfg.DATASETS.TEST[0],
         "params": count_params(model),
         "flops": count_flops(model, inputs)["total"],
         "backbone_flops": count_flops(model.backbone, tensor)["total"],
         "spec": channel_spec(model),
+        **({"kinds": list(cfg.PRUNE.KINDS), "mode": cfg.PRUNE.MODE} if cfg.PRUNE.ENABLED else {}),
+    }
+    if trainer.validation is not None:
+        result.update(early_stopped(cfg, trainer.validation, results, run_dir))
+    result.update({
+        "loss_curve": loss_curve(run_dir),
         "seconds": round(time.perf_counter() - start, 1),
         # The order of float sums depends on it, and that by itself moves AP.
         "threads": torch.get_num_threads(),
-    }
+    })
     atomic_write_text(os.path.join(run_dir, "result.json"), json.dumps(result, indent=2))
     remove_intermediate_checkpoints(run_dir)
     return result
 
 
+def early_stopped(cfg, validation: ValidationHook, final: Dict, run_dir: str) -> Dict:
+    """The validation curve of a finished run and its early-stopped model (`ValidationHook.best`)
+    evaluated on the test split; `final`: the final weights' test results, which are the
+    early-stopped model's when the best validation AP came last."""
+    # No evaluation after the last pruning event (a schedule that prunes at its last
+    # iteration): the final weights are the only model of the pruned architecture.
+    best = validation.best or dict(zip(("iter", "AP", "AP50"), validation.history[-1]))
+    if best["iter"] == cfg.SOLVER.MAX_ITER:
+        metrics = bbox_metrics(final)
+    else:
+        model = Trainer.build_model(cfg)
+        PrunedCheckpointer(model).load(os.path.join(run_dir, BEST + ".pth"))
+        metrics = evaluate(cfg, model.eval(), os.path.join(run_dir, "inference", "early_stopped"))
+    return {
+        "val_dataset": cfg.STUDY.VAL_DATASET,
+        "val_curve": validation.history,
+        "es_iter": best["iter"],
+        "es_val_AP": best["AP"],
+        **{f"es_{k}": v for k, v in metrics.items()},
+    }
+
+
+def loss_curve(run_dir: str) -> List[List[float]]:
+    """[iterations done, total training loss] as detectron2's writers logged it to metrics.json
+    (the median of the last 20 iterations, every 20); a resumed run's repeated lines count once."""
+    losses = {}
+    for line in (read_text(os.path.join(run_dir, "metrics.json")) or "").splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if "total_loss" in entry:
+            losses[entry["iteration"] + 1] = entry["total_loss"]
+    return [[i, round(loss, 5)] for i, loss in sorted(losses.items())]
+
+
 def remove_intermediate_checkpoints(run_dir: str) -> List[str]:
     """Delete a finished run's periodic and per-event checkpoints, keeping `model_final.pth`
-    (the latency measurement and later analysis load it): a run writes six of them, about
-    400 MB, which a full study of 129 runs could not keep on a normal disk. Returns the removed
-    file names."""
+    (the latency measurement and later analysis load it) and the early-stopped `model_best.pth`:
+    a run writes six or more of them, about 400 MB, which a full study of 129 runs could not keep
+    on a normal disk. Returns the removed file names."""
     removed = []
     for name in sorted(os.listdir(run_dir)):
-        if name.endswith(".pth") and name != "model_final.pth":
+        if name.endswith(".pth") and name not in ("model_final.pth", BEST + ".pth"):
             os.remove(os.path.join(run_dir, name))
             removed.append(name)
     return removed
@@ -342,7 +452,6 @@ def measure_latencies(
     architecture among `results`, with the final weights of the first run that has it; cached in
     `output/latency.json`. Run after the fine-tunes, so no other run competes for the cores."""
     from d2prune.complexity import measure_latency
-    from d2prune.engine.checkpoint import PrunedCheckpointer
     from projects.study.report import spec_key
 
     path = os.path.join(output, "latency.json")
@@ -352,8 +461,8 @@ def measure_latencies(
         todo.setdefault(spec_key(r["spec"]), r)
     todo = {k: r for k, r in todo.items() if k not in cache}
     for key, r in tqdm(todo.items(), desc="latency per architecture", disable=not todo):
-        job = Job(r["criterion"], r["ratio"], r["seed"], r["train_size"])
-        cfg = setup_cfg(config_file, list(opts) + job.overrides(), datasets)
+        job = Job.of(r)
+        cfg = setup_study_cfg(config_file, list(opts) + job.overrides(), datasets)
         cfg.freeze()
         model = Trainer.build_model(cfg)
         PrunedCheckpointer(model).load(os.path.join(output, "runs", job.name, "model_final.pth"))
