@@ -65,7 +65,11 @@ class Layer:
 
     def flops(self, in_width: float, out_width: float) -> float:
         """Multiply-adds of all calls at these widths."""
-        per = in_width * self.repeat * out_width / self.conv_groups
+        groups = self.conv_groups
+        if groups > 1 and self.in_group is not None:
+            # Grouped (and depthwise) convs lose whole groups: their count follows the width.
+            groups = groups * in_width / self.in_width
+        per = in_width * self.repeat * out_width / groups
         if self.type == "conv":
             kh, kw = self.kernel
             return sum(per * kh * kw * n * _out_size((h, w), self) for n, h, w in self.calls)
@@ -130,11 +134,10 @@ def _describe(name: str, module: nn.Module, read: Optional[ChannelGroup], write:
                      bias=module.bias is not None, repeat=repeat)  # fmt: skip
     norm = getattr(module, "norm", None)
     activation = getattr(module, "activation", None)
-    groups = module.groups
     in_full = full[read.name] if read is not None else module.in_channels
     out_full = full[write.name] if write is not None else module.out_channels
-    if groups > 1 and write is not None and read is not None and groups == module.in_channels:
-        groups = in_full  # depthwise: one group per channel at any width
+    # The number of groups at full width (a pruned grouped conv has lost whole groups).
+    groups = module.groups * in_full // module.in_channels
     return Layer(
         name, "deconv" if isinstance(module, nn.ConvTranspose2d) else "conv", in_full, out_full,
         read and read.name, write and write.name, [],
