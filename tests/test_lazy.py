@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 from detectron2.config import instantiate
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import SimpleTrainer, hooks
 from detectron2.modeling import build_model
 
@@ -62,8 +63,13 @@ def run(tmp_path_factory):
     generate(root, "target", "train", 4, image_size=96, min_objects=2, workers=1)
     generate(root, "target", "val", 2, image_size=96, workers=1)
     torch.manual_seed(0)
+    before = set(DatasetCatalog.list())
     results = do_train(_cfg(root, out))
-    return root, out, results
+    yield root, out, results
+    # The synthetic names now point at this module's data: later tests register their own.
+    for name in set(DatasetCatalog.list()) - before:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
 
 
 def test_the_lazy_config_trains_and_prunes_on_the_cpu(run):

@@ -88,8 +88,9 @@ SLIM = (
 def global_cfg(dataset, out):
     """Three taylor events in global mode, a checkpoint after every iteration. The learning rate
     is 0 and the backbone's norms frozen, so that the weights are the same on every run whatever
-    data it trained on: detectron2 restarts the training sampler on resume, and that alone would
-    change them. What an event chooses then depends on its scoring batches alone."""
+    data it trained on: what an event chooses then depends on its scoring batches alone (the
+    training stream resuming where it stopped is tested with a real learning rate in
+    tests/test_crash_resume.py)."""
     return prune_cfg(
         dataset, out, 6, GLOBAL_EVENTS, *SLIM, "PRUNE.MODE", "global", "PRUNE.CRITERION", "taylor",
         "PRUNE.SCORE_BATCHES", "2", "SOLVER.BASE_LR", "0.0", "MODEL.RESNETS.NORM", "FrozenBN",
