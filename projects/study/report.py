@@ -329,13 +329,7 @@ def versus(cells: Mapping[float, Mapping], reference: Mapping[float, Mapping]) -
 
 
 def _versus_cell(cells: Mapping[float, Mapping], reference: Mapping[float, Mapping]) -> str:
-    diffs, p = versus(cells, reference)
-    if not diffs:
-        return "–"
-    mean, std = _mean_std(diffs)
-    if len(diffs) < 2:
-        return f"{mean:+.2f} (1)"
-    return f"{mean:+.2f} ± {std:.2f}{'*' if p < 0.05 else ''} ({len(diffs)})"
+    return _diff_cell(versus(cells, reference)[0])
 
 
 def _delta_cell(r: Optional[Mapping]) -> str:
@@ -519,6 +513,7 @@ def overfitting_lines(results: Sequence[Mapping]) -> List[str]:
 
 
 def _diff_cell(diffs: Sequence[float]) -> str:
+    """Paired differences as "mean ± std (pairs)", starred when a paired t-test gives p < 0.05."""
     if not diffs:
         return "–"
     mean, std = _mean_std(diffs)
