@@ -16,7 +16,7 @@ import socket
 import zlib
 from typing import Any, Dict, Optional, Sequence
 
-from d2prune.compat import launch
+from d2prune.compat import launch_from_args
 from d2prune.errors import UserError
 
 try:
@@ -136,8 +136,7 @@ class TrainJob(Checkpointable):
               f"--dist-url {args.dist_url} --resume {args.resume}", flush=True)
         module, function = self.entry.split(":")
         main = getattr(importlib.import_module(module), function)
-        return launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-                      dist_url=args.dist_url, args=(args,))
+        return launch_from_args(main, args)
 
     def checkpoint(self, *args, **kwargs):
         resumed = copy.copy(self.args)

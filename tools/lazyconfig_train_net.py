@@ -13,7 +13,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2prune.compat import launch
+from d2prune.compat import launch_from_args
 from d2prune.data import add_dataset_argument
 from d2prune.engine.lazy import do_eval, do_train, load_lazy_config, register_lazy_datasets
 from d2prune.errors import exit_on_user_error
@@ -42,12 +42,4 @@ def argument_parser():
 if __name__ == "__main__":
     args = argument_parser().parse_args()
     print("Command Line Args:", args)
-    exit_on_user_error(
-        launch,
-        guarded_main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    exit_on_user_error(launch_from_args, guarded_main, args)

@@ -20,7 +20,7 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from d2prune.compat import launch
+from d2prune.compat import launch_from_args
 from d2prune.config import check_run, check_weights, setup_cfg
 from d2prune.data import add_dataset_argument, register_datasets, validate_datasets
 from d2prune.engine import PrunedCheckpointer, PruningTrainer, Trainer
@@ -94,14 +94,6 @@ if __name__ == "__main__":
     print("Command Line Args:", args)
     exit_on_user_error(check_before_launch, args)
     if args.launcher == "local":
-        exit_on_user_error(
-            launch,
-            guarded_main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        exit_on_user_error(launch_from_args, guarded_main, args)
     else:
         exit_on_user_error(submit, args)

@@ -19,6 +19,7 @@ NetAdapt's measured per-layer tables (Yang et al., ECCV 2018) and Torch-Pruning'
 normalisation (Fang et al., "DepGraph", CVPR 2023).
 """
 
+import contextlib
 import hashlib
 import heapq
 import json
@@ -198,7 +199,7 @@ def flops_model(layers: Sequence[Layer], full: Mapping[str, int], total: Optiona
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
 
 
-def _standalone(layer: Layer, in_width: int, out_width: int, device, dtype) -> Tuple[nn.Module, List[torch.Tensor]]:
+def _standalone(layer: Layer, in_width: int, out_width: int, device) -> Tuple[nn.Module, List[torch.Tensor]]:
     """The layer alone at these widths, with its norm (as a per-channel affine) and ReLU, and
     inputs shaped as its calls'."""
     if layer.type == "linear":
@@ -230,8 +231,16 @@ class _Affine(nn.Module):
         return x * self.scale + self.shift
 
 
-def _time_layer(layer: Layer, in_width: int, out_width: int, timer, device, dtype) -> float:
-    module, inputs = _standalone(layer, max(in_width, 1), max(out_width, 1), device, dtype)
+@contextlib.contextmanager
+def _precision(device, dtype):
+    """No gradients, and autocast to `dtype` unless it is float32."""
+    with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32), torch.no_grad():
+        yield
+
+
+def _time_layer(layer: Layer, in_width: int, out_width: int, timer, device) -> float:
+    """`timer`'s figure for the layer alone at these widths (the caller sets the precision)."""
+    module, inputs = _standalone(layer, max(in_width, 1), max(out_width, 1), device)
 
     def run():
         for x in inputs:
@@ -259,8 +268,8 @@ class LatencyModel:
         for k, layer in enumerate(layers):
             ins = _grid_widths(layer.in_width, self.grid) if layer.in_group else [layer.in_width]
             outs = _grid_widths(layer.out_width, self.grid) if layer.out_group else [layer.out_width]
-            with torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype, enabled=self.dtype != torch.float32), torch.no_grad():
-                ms = [[_time_layer(layer, i, o, self.timer, self.device, self.dtype) for o in outs] for i in ins]
+            with _precision(self.device, self.dtype):
+                ms = [[_time_layer(layer, i, o, self.timer, self.device) for o in outs] for i in ins]
             found[layer.name] = {"in": ins, "out": outs, "ms": ms}
             if progress:
                 progress(k + 1, len(layers))
@@ -397,8 +406,8 @@ def step_times(layer: Layer, timer, device="cpu", dtype=torch.float32, span: int
     width (at full input width): the staircase `snap_step` reads."""
     top = max(32, (layer.out_width // 2 // 32) * 32 + 32)
     widths = range(max(1, top - span + 1), top + 1)
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32), torch.no_grad():
-        return {w: _time_layer(layer, layer.in_width, w, timer, device, dtype) for w in widths}
+    with _precision(device, dtype):
+        return {w: _time_layer(layer, layer.in_width, w, timer, device) for w in widths}
 
 
 # --- the cost-aware global ranking -------------------------------------------------------------
