@@ -57,6 +57,17 @@ def _weights(checkpoint):
     return checkpoint["model"] if "model" in checkpoint else checkpoint["d2prune"]["model"]
 
 
+def _resume_folder(out, tmp_path, name):
+    """A folder holding a copy of the run's checkpoint after its first event, named by
+    last_checkpoint: where a resumed run starts."""
+    folder = tmp_path / name
+    folder.mkdir()
+    checkpoint = f"model_pruned_{EVENTS[0]:07d}.pth"
+    shutil.copy(out / checkpoint, folder)
+    (folder / "last_checkpoint").write_text(checkpoint)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     root, out = tmp_path_factory.mktemp("lazy_data"), tmp_path_factory.mktemp("lazy_out")
@@ -99,11 +110,7 @@ def test_the_lazy_config_trains_and_prunes_on_the_cpu(run):
 def test_a_lazy_run_resumed_after_its_first_event_ends_with_the_same_architecture(run, tmp_path):
     """Local mode: the widths, not the weights (the training data order restarts on resume)."""
     root, out, _ = run
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    name = f"model_pruned_{EVENTS[0]:07d}.pth"
-    shutil.copy(out / name, resumed)
-    (resumed / "last_checkpoint").write_text(name)
+    resumed = _resume_folder(out, tmp_path, "resumed")
     torch.manual_seed(1)
     do_train(_cfg(root, resumed), resume=True)
     a = torch.load(out / "model_final.pth", weights_only=True)
@@ -160,11 +167,7 @@ def test_the_hook_in_detectron2s_own_loop_resumes_a_pruned_run(run, tmp_path):
     """detectron2's lazyconfig_train_net.py order: the optimizer is built for the model as first
     built and the checkpoint loads afterwards; the hook makes the optimizer follow the cut."""
     root, out, _ = run
-    folder = tmp_path / "own"
-    folder.mkdir()
-    name = f"model_pruned_{EVENTS[0]:07d}.pth"
-    shutil.copy(out / name, folder)
-    (folder / "last_checkpoint").write_text(name)
+    folder = _resume_folder(out, tmp_path, "own")
     cfg = _cfg(root, folder)
     model = instantiate(cfg.model)
     cfg.optimizer.params.model = model

@@ -144,12 +144,13 @@ class TrainStream:
         """The sample at `position` (dataset index `index`), mapped with generators seeded by
         (seed, rank, position); a sample the mapper refuses (None) is replaced by others drawn by
         a generator seeded the same way."""
-        chooser = random.Random(mix(self.seed, self.rank, position, 1))
+        chooser = None  # made only for a refused sample: most never need one
         for attempt in range(_MAX_RETRIES + 1):
             with seeded(self.seed, self.rank, position, 0, attempt):
                 sample = self.mapper(copy.deepcopy(self.dataset[index]))
             if sample is not None:
                 return sample
+            chooser = chooser or random.Random(mix(self.seed, self.rank, position, 1))
             index = chooser.randrange(len(self.dataset))
         raise UserError(f"the data mapper returned no sample for {_MAX_RETRIES + 1} dataset images in a row")
 
