@@ -46,6 +46,7 @@ from .complexity import CLOCKS, count_params, dummy_inputs, interleaved_latency
 from .data import validate_datasets
 from .engine import checkpoint
 from .errors import UserError
+from .fuse import fold_norms, folded_convs
 from .utils.io import atomic_path, atomic_write_text
 
 __all__ = [
@@ -349,9 +350,14 @@ def export_model(
     parity_images: int = 3,
     latency_repeats: int = 20,
     clock: str = "wall",
+    fold: bool = True,
 ) -> Dict:
     """Export the detector of `cfg` (MODEL.WEIGHTS, pruned or not) to each of `formats`, check
     the exports against the eager model and time them; write `output_dir/export.json`.
+
+    With `fold` (the default) the norms are folded into their convs first (`fuse.fold_norms`):
+    the exported graphs then have no norm layers left to run, and the eager model they are
+    checked against is the folded one (the same detections up to rounding).
 
     Every format is attempted; one that cannot be exported is recorded with its reason in
     `export.json`, and a `UserError` naming it is raised once the others are written.
@@ -371,6 +377,9 @@ def export_model(
         raise UserError(f"--latency-repeats must be a positive integer, got {latency_repeats}.")
     check_output_dir(output_dir)
     model = load_model(cfg)
+    folded = len(folded_convs(model)) if fold else 0
+    if fold:
+        fold_norms(model)
     images, sources = export_images(cfg, sample_image, parity_images)
     adapter = build_adapter(model, images[0])
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -378,6 +387,7 @@ def export_model(
         "weights": cfg.MODEL.WEIGHTS,
         "architecture": type(model).__name__,
         "params": count_params(model),
+        "folded_norms": folded,
         "input": {
             "name": "image",
             "layout": f"float32 (3, H, W), {cfg.INPUT.FORMAT}, 0-255, resized to the test size",

@@ -247,3 +247,102 @@ def test_the_flops_model_follows_every_detector_family(name):
         layer.calls = calls.get(layer.name, [])
     cost = flops_model(layers, {g.name: g.size for g in groups})
     assert cost.predict(channel_spec(pruned)) == pytest.approx(count_flops(pruned, inputs)["total"], rel=5e-3)
+
+
+# --- weighting "sensitivity": groups compared on the loss their cut costs ------------------------
+
+
+def test_sensitivity_puts_the_group_whose_cut_costs_more_loss_last():
+    # As above, "a"'s channels save four times as much as "b"'s and both score alike, so the
+    # uniform weighting cuts "a". Measured, cutting half of "a" raised the loss 1000 times more
+    # than cutting half of "b": "b" goes instead.
+    a, b = ChannelGroup("a", "block", 16, [], []), ChannelGroup("b", "block", 16, [], [])
+    layers = [_line("la", None, "a", hw=(16, 16)), _line("lb", None, "b", hw=(8, 8))]
+    cost = flops_model(layers, {"a": 16, "b": 16})
+    scores = {"a": torch.ones(16), "b": torch.ones(16)}
+    args = ([a, b], scores, {"a": 2, "b": 2}, {"a": 1, "b": 1}, cost, cost.predict({}) * 0.9)
+    assert select_by_cost(*args)["b"] == 16
+    widths = select_by_cost(*args, sensitivity={"a": (8, 1.0), "b": (8, 0.001)})
+    assert widths["a"] == 16 and widths["b"] < 16
+    # A cut that lowered the loss still ranks its group's channels by their scores.
+    low = torch.tensor([0.01, 1.99] * 8)
+    widths = select_by_cost([a, b], {"a": low, "b": torch.ones(16)}, *args[2:], sensitivity={"a": (8, -0.5), "b": (8, 1.0)})
+    assert widths["b"] == 16 and widths["a"] < 16
+
+
+def test_probe_cuts_remove_the_lowest_units_half_way_to_the_floor(r18):
+    from d2prune.pruning.budget import probe_keeps
+
+    model, groups, *_ = r18
+    scores = build("l1").score(model, groups, None)
+    budget = Budget("flops", 0.5, mode="cost", kinds=KINDS, round_to=4, weighting="sensitivity")
+    probes = probe_keeps(groups, scores, budget)
+    eligible = {g.name: g for g in budget.eligible(groups)}
+    assert set(probes) == set(eligible)
+    for name, (units, keep) in probes.items():
+        g = eligible[name]
+        floor = max(8, -(-int(g.size * 0.1) // 4) * 4)
+        removed = sorted(set(range(g.size)) - set(keep))
+        assert len(removed) == units * g.unit and len(keep) % 4 == 0 and len(keep) >= floor
+        assert abs(len(keep) - (g.size + floor) / 2) <= 4, (name, len(keep), floor)
+        assert float(scores[name][removed].max()) <= float(scores[name][keep].min())
+
+
+def test_loss_sensitivity_is_zero_for_dead_channels_and_leaves_the_model_untouched():
+    from d2prune.engine.sensitivity import loss_sensitivity
+
+    from .prune_helpers import Untouched
+
+    model = models.build_fresh("faster_rcnn_R18_FPN")
+    block = "backbone.bottom_up.res3.1.conv1"
+    conv = dict(model.named_modules())[block]
+    dead = [0, 3, 5, 6]
+    with torch.no_grad():
+        for t in (conv.weight, conv.norm.weight, conv.norm.bias):
+            t[dead] = 0.0
+    fpn = next(g for g in find_groups(model) if g.kind == "fpn")
+    probes = {
+        block: (len(dead), [c for c in range(conv.out_channels) if c not in dead]),
+        fpn.name: (fpn.size // 2, list(range(fpn.size // 2))),
+    }
+    batches = [models.with_targets(models.images(2, seed=s)) for s in range(2)]
+    untouched = Untouched(model)
+    rises = loss_sensitivity(model, probes, batches, seed=3)
+    untouched.check()
+    # Removing channels that are constant zero changes the loss by float summation order only.
+    assert rises[block][0] == len(dead) and abs(rises[block][1]) < 1e-4 * abs(rises[fpn.name][1]), rises
+    assert abs(rises[fpn.name][1]) > 1e-2, rises
+    assert loss_sensitivity(model, probes, batches, seed=3) == rises  # seeded: repeats exactly
+
+
+def test_ranks_select_on_the_loss_rises_averaged_over_ranks(monkeypatch):
+    from detectron2.utils import comm
+
+    from d2prune.engine.sensitivity import loss_sensitivity
+
+    model = models.build("faster_rcnn_R18_FPN")
+    group = "backbone.bottom_up.res3.1.conv1"
+    probes = {group: (2, list(range(2, 128)))}
+    batches = [models.with_targets(models.images(2))]
+    alone = loss_sensitivity(model, probes, batches)
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_gather", lambda rises: [rises, {group: (2, rises[group][1] + 1.0)}])
+    assert loss_sensitivity(model, probes, batches)[group][1] == pytest.approx(alone[group][1] + 0.5)
+
+
+def test_a_sensitivity_weighted_flops_target_is_met_and_repeats(r18):
+    from d2prune.engine.selection import keep_sets
+
+    model, groups, inputs, _, _ = r18
+    budget = Budget("flops", 0.4, mode="cost", kinds=KINDS, round_to=8, weighting="sensitivity")
+    batches = [models.with_targets(models.images(2))]
+    keep = keep_sets(model, build("l1"), budget, batches, image_size=96)
+    pruned = copy.deepcopy(model)
+    prune(pruned, keep)
+    reduction = 1 - count_flops(pruned, inputs)["total"] / count_flops(model, inputs)["total"]
+    assert 0.39 <= reduction <= 0.45, reduction
+    assert keep_sets(model, build("l1"), budget, iter(batches), image_size=96) == keep
+    with pytest.raises(UserError, match="sensitivity.*needs training batches"):
+        keep_sets(model, build("l1"), budget, None, image_size=96)
+    with pytest.raises(UserError, match="weighting 'sensitivity'.*needs mode 'cost'"):
+        Budget("flops", 0.4, mode="global", weighting="sensitivity")

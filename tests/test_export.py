@@ -143,7 +143,9 @@ def test_tool_exports_a_pruned_checkpoint(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "export.json").read_text())
-    assert report["params"] == count_params(model) < unpruned_params
+    # The norms were folded into their convs: the export is the pruned model's detections up
+    # to the fold's rounding (below).
+    assert report["params"] < unpruned_params and report["folded_norms"] > 0
     assert report["input"]["traced_size"] == [64, 96]
     assert [p["source"] for p in report["parity_images"]] == [str(tmp_path / "sample.png"), "random"]
     for fmt, name in (("torchscript", "model.ts"), ("onnx", "model.onnx")):
@@ -162,7 +164,7 @@ def test_tool_exports_a_pruned_checkpoint(tmp_path):
     with torch.no_grad():
         boxes, classes, scores, _ = traced(image)
     assert len(want) > 0 and torch.equal(classes, want.pred_classes)
-    assert (boxes - want.pred_boxes.tensor).abs().max() < 1e-4
+    assert (boxes - want.pred_boxes.tensor).abs().max() < 1e-3
     assert (scores - want.scores).abs().max() < 1e-4
 
 

@@ -16,6 +16,7 @@ from detectron2.modeling import build_model
 
 import d2prune
 from d2prune.engine import PrunedCheckpointer
+from d2prune.fuse import folded_convs
 from d2prune.pruning import channel_spec, find_groups, prune
 
 from . import models
@@ -48,19 +49,25 @@ def test_detectron2_refuses_a_pruned_checkpoint(pruned):
         DefaultPredictor(cfg)
 
 
-def test_predictor_gives_the_pruned_models_outputs(pruned):
+@pytest.mark.parametrize("optimize", [False, True])
+def test_predictor_gives_the_pruned_models_outputs(pruned, optimize):
     model, cfg = pruned
     image = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
-    predictor = d2prune.Predictor(cfg)
+    predictor = d2prune.Predictor(cfg, optimize=optimize)
     in_memory = copy.copy(predictor)
     in_memory.model = model
 
     got, expected = predictor(image)["instances"], in_memory(image)["instances"]
 
     assert channel_spec(predictor.model) == channel_spec(model) and not predictor.model.training
+    # Optimised (the default): norms folded into the convs, so none is left to run, and the
+    # same detections up to float rounding; as loaded: the very same numbers.
+    assert (len(folded_convs(predictor.model)) == 0) == optimize and folded_convs(model)
     assert len(got) == len(expected) > 0
-    torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor)
-    torch.testing.assert_close(got.scores, expected.scores)
+    tolerance = {"atol": 1e-3, "rtol": 1e-4} if optimize else {"atol": 0, "rtol": 0}
+    torch.testing.assert_close(got.pred_boxes.tensor, expected.pred_boxes.tensor, **tolerance)
+    torch.testing.assert_close(got.scores, expected.scores, **tolerance)
+    assert torch.equal(got.pred_classes, expected.pred_classes)
 
 
 def test_load_model_gives_the_pruned_model(pruned):

@@ -60,6 +60,10 @@ def argument_parser():
         help="time latency as elapsed time (wall) or as this process's CPU time (cpu, with "
         "--threads 1: unaffected by other load on a shared machine)",
     )
+    parser.add_argument(
+        "--no-fold-norms", dest="fold", action="store_false",
+        help="export the norms as they are (default: fold FrozenBN and eval BN into their convs first)",
+    )
     add_dataset_argument(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
@@ -79,7 +83,7 @@ def main(args):
     check_test_dataset(cfg)
     report = export_model(
         cfg, formats, args.output, args.sample_image, args.parity_images, args.latency_repeats,
-        args.clock,
+        args.clock, args.fold,
     )
     print(format_table(report))
     failures = parity_failures(report)

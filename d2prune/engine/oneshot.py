@@ -28,6 +28,7 @@ from .selection import (
     build_latency_model,
     check_budget,
     choose_keep,
+    needs_batches,
     sample_inputs,
 )
 from .trainer import Trainer, build_coco_evaluator
@@ -81,10 +82,10 @@ def check_oneshot_config(cfg) -> criteria.Criterion:
 
 
 def scoring_batches(cfg, criterion: criteria.Criterion) -> Optional[Iterator[List[dict]]]:
-    """For a data-driven criterion, the PRUNE.SCORE_BATCHES batches a first pruning event of a
-    training run would score on (`ScoringBatches`, seeded by SEED): the same images on every
-    run. None for a weight-only criterion."""
-    if criterion.data == "none":
+    """For a data-driven criterion (or weighting "sensitivity"), the PRUNE.SCORE_BATCHES batches
+    a first pruning event of a training run would score on (`ScoringBatches`, seeded by SEED):
+    the same images on every run. None when choosing channels reads no data."""
+    if not needs_batches(cfg, criterion):
         return None
     return ScoringBatches.from_config(cfg)(0)
 

@@ -32,6 +32,7 @@ from .selection import (
     build_latency_model,
     check_budget,
     choose_keep,
+    needs_batches,
     sample_inputs,
 )
 
@@ -83,7 +84,7 @@ class PruningHook(HookBase):
             p.SCHEDULE, budget.amount, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
         )
         self.criterion = build_criterion(cfg)
-        if scoring is None and self.criterion.data != "none":
+        if scoring is None and needs_batches(cfg, self.criterion):
             scoring = ScoringBatches.from_config(cfg)
         self.scoring = scoring
         self._build_optimizer = build_optimizer
@@ -138,7 +139,7 @@ class PruningHook(HookBase):
         # Data-driven criteria score on batches of their own, chosen by the event's index: the
         # same on a resumed run, and the training stream is not moved on. Weight-only criteria
         # build none.
-        batches = self.scoring(self.events_done) if self.criterion.data != "none" else None
+        batches = self.scoring(self.events_done) if needs_batches(cfg, self.criterion) else None
         keep = choose_keep(
             cfg, model, self.criterion, batches,
             amount=self.schedule.targets[self.events_done],

@@ -27,7 +27,7 @@ from ..config import criterion_options
 from ..criteria.collector import collect_statistics
 from ..errors import UserError
 from ..pruning import find_groups, prune
-from ..pruning.budget import Budget, select, select_channels
+from ..pruning.budget import Budget, probe_keeps, select, select_channels
 from ..pruning.cost import (
     GRID,
     CostModel,
@@ -42,9 +42,11 @@ from ..pruning.cost import (
     trace_layers,
 )
 from ..utils.modules import unwrap
+from .sensitivity import loss_sensitivity
 
 __all__ = [
-    "build_criterion", "build_latency_model", "check_budget", "choose_keep", "keep_sets", "sample_inputs",
+    "build_criterion", "build_latency_model", "check_budget", "choose_keep", "keep_sets", "needs_batches",
+    "sample_inputs",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,12 @@ def sample_inputs(cfg, model):
 def _dummy_batch(model: nn.Module, side: int) -> List[dict]:
     device = next(model.parameters()).device
     return [{**x, "image": x["image"].to(device)} for x in dummy_inputs(side)]
+
+
+def needs_batches(cfg, criterion: criteria.Criterion) -> bool:
+    """Whether choosing channels reads training batches: a data-driven criterion, or a budget
+    whose groups are weighed by their measured loss sensitivity (PRUNE.COST_WEIGHTING)."""
+    return criterion.data != "none" or Budget.from_config(cfg).weighting == "sensitivity"
 
 
 def check_budget(cfg, model: nn.Module, original: Optional[Mapping[str, int]] = None) -> None:
@@ -114,7 +122,7 @@ def choose_keep(
     start = time.perf_counter()
     keep = keep_sets(
         model, criterion, budget, batches, original=original, original_flops=original_flops,
-        image_size=cfg.INPUT.MIN_SIZE_TEST, cost_model=cost_model,
+        image_size=cfg.INPUT.MIN_SIZE_TEST, cost_model=cost_model, seed=max(cfg.SEED, 0),
     )  # fmt: skip
     seconds = time.perf_counter() - start
     logger.info("Scored and selected channels with %s in %.2f s", cfg.PRUNE.CRITERION, seconds)
@@ -131,19 +139,30 @@ def keep_sets(
     original_flops: Optional[float] = None,
     image_size: int = 800,
     cost_model: Optional[CostModel] = None,
+    seed: int = 0,
 ) -> Dict[str, List[int]]:
     """`choose_keep` without a config: groups, statistics on `batches` (data-driven criteria
     only), scores, then `budget`. A FLOPs target measures the detector on one square image of
     `image_size` pixels (in mode "cost", layer by layer: `flops_model`); a latency target needs
-    `cost_model`."""
+    `cost_model`. Weighting "sensitivity" measures the training loss on `batches` too, with
+    proposal sampling seeded by `seed` (`loss_sensitivity`)."""
     model = unwrap(model)
     groups = find_groups(model)
     stats = None
+    sensitive = budget.mode == "cost" and budget.weighting == "sensitivity"
+    if sensitive:
+        if batches is None:
+            raise UserError("PRUNE.COST_WEIGHTING 'sensitivity' needs training batches to measure the loss on.")
+        batches = list(batches)  # read twice: statistics, then the loss
     if criterion.data != "none":
         if batches is None:
             raise UserError(f"criterion '{criterion.name}' needs training batches to score channels.")
         stats = collect_statistics(model, groups, criterion, batches)
     scores = criterion.score(model, groups, stats)
+    sensitivity = None
+    if sensitive:
+        probes = probe_keeps(groups, scores, budget, original)
+        sensitivity = loss_sensitivity(model, probes, batches, seed)
     # Made only if a FLOPs target measures the model.
     inputs = functools.cache(lambda: _dummy_batch(model, image_size))
     if budget.target == "flops" and budget.mode == "cost" and cost_model is None:
@@ -152,7 +171,7 @@ def keep_sets(
                                  total=count_flops(model, inputs())["total"])  # fmt: skip
     return select(
         model, groups, scores, budget, measure=lambda m: count_flops(m, inputs())["total"],
-        original=original, baseline=original_flops, cost_model=cost_model,
+        original=original, baseline=original_flops, cost_model=cost_model, sensitivity=sensitivity,
     )  # fmt: skip
 
 

@@ -20,7 +20,10 @@ from .groups import ChannelGroup
 from .kinds import KINDS, Kind
 from .surgery import prune
 
-__all__ = ["KINDS", "TARGETS", "MODES", "Budget", "select", "select_channels", "select_for_flops", "select_for_cost"]
+__all__ = [
+    "KINDS", "TARGETS", "MODES", "WEIGHTINGS", "Budget", "select", "select_channels", "select_for_flops",
+    "select_for_cost", "probe_keeps",
+]  # fmt: skip
 
 _EPS = 1e-12
 
@@ -35,6 +38,12 @@ TARGETS = {
 # groups), "cost" (global, on score per unit of cost saved; FLOPs and latency targets only).
 MODES = ("local", "global", "cost")
 
+# How mode "cost" weighs one group's scores against another's: "uniform" (every group's scores
+# divided by their mean, so a group's average channel is worth as much as any other's), or
+# "sensitivity" (scaled by the training loss's measured rise when the group alone is cut,
+# `probe_keeps`, so that a channel every head reads weighs what it is worth).
+WEIGHTINGS = ("uniform", "sensitivity")
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -48,6 +57,7 @@ class Budget:
     `amount` is in [0, 1) and 0 removes nothing. Eligible groups are those of `kinds` whose name matches none of the
     `exclude` regular expressions (`re.search`). A group keeps at least `min_channels` (or all,
     if it has fewer) and at least `1 - max_ratio` of its channels, and a multiple of `round_to`.
+    `weighting` (mode "cost" only, `WEIGHTINGS`) says how the scores of different groups compare.
     `kinds` and `exclude` may be given as lists and are kept as tuples, so that a budget is
     hashable. Invalid fields are a one-line `UserError` when the budget is made.
     """
@@ -60,6 +70,7 @@ class Budget:
     max_ratio: float = 0.9
     min_channels: int = 8
     round_to: int = 1
+    weighting: str = "uniform"
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -75,6 +86,15 @@ class Budget:
             raise UserError(
                 "pruning budget: mode 'cost' weighs scores against FLOPs or time saved: it needs a "
                 "FLOPs or latency target (PRUNE.FLOPS_REDUCTION or PRUNE.LATENCY_REDUCTION), not a channel ratio."
+            )
+        if self.weighting not in WEIGHTINGS:
+            raise UserError(
+                f"pruning budget: weighting must be one of {', '.join(map(repr, WEIGHTINGS))}, got {self.weighting!r}."
+            )
+        if self.weighting != "uniform" and self.mode != "cost":
+            raise UserError(
+                f"pruning budget: weighting {self.weighting!r} weighs groups against the cost they save: it "
+                f"needs mode 'cost' (PRUNE.MODE), not {self.mode!r}."
             )
         if isinstance(self.kinds, str) or not isinstance(self.kinds, (list, tuple)):
             raise UserError(
@@ -129,6 +149,7 @@ class Budget:
             max_ratio=p.MAX_RATIO,
             min_channels=p.MIN_CHANNELS,
             round_to=p.ROUND_TO,
+            weighting=p.get("COST_WEIGHTING", "uniform"),
         )
 
     def eligible(self, groups: Sequence[ChannelGroup]) -> List[ChannelGroup]:
@@ -153,7 +174,7 @@ class Budget:
         eligible channels in the global order. A FLOPs target searches below it, and a budget
         that this cut leaves whole can remove nothing at all."""
         return dataclasses.replace(
-            self, target="channels", amount=min(self.max_ratio, 1 - 1e-6), mode="global"
+            self, target="channels", amount=min(self.max_ratio, 1 - 1e-6), mode="global", weighting="uniform"
         )
 
 
@@ -167,16 +188,18 @@ def select(
     original: Optional[Mapping[str, int]] = None,
     baseline: Optional[float] = None,
     cost_model: Optional[CostModel] = None,
+    sensitivity: Optional[Mapping[str, Tuple[int, float]]] = None,
 ) -> Dict[str, List[int]]:
     """Keep sets under `budget`: `select_channels` for a channels target; `select_for_cost` for
-    a latency target or mode "cost" (it takes `cost_model`); otherwise, a FLOPs target,
-    `select_for_flops` (which takes `measure`, `baseline`). `model` is not changed."""
+    a latency target or mode "cost" (it takes `cost_model`, and `sensitivity` with weighting
+    "sensitivity"); otherwise, a FLOPs target, `select_for_flops` (which takes `measure`,
+    `baseline`). `model` is not changed."""
     if budget.target == "channels":
         return select_channels(groups, scores, budget, original)
     if budget.target == "latency" or budget.mode == "cost":
         if cost_model is None:
             raise ValueError(f"a {budget.target} budget in mode {budget.mode!r} needs a cost model")
-        return select_for_cost(groups, scores, budget, cost_model, original)
+        return select_for_cost(groups, scores, budget, cost_model, original, sensitivity=sensitivity)
     return select_for_flops(
         model, groups, scores, budget, measure=measure, original=original, baseline=baseline
     )
@@ -329,11 +352,15 @@ def select_for_cost(
     original: Optional[Mapping[str, int]] = None,
     tolerance: float = 0.005,
     max_steps: int = 30,
+    *,
+    sensitivity: Optional[Mapping[str, Tuple[int, float]]] = None,
 ) -> Dict[str, List[int]]:
     """Keep sets that bring `cost_model`'s predicted cost (FLOPs or time) down by the `amount`
     of a FLOPs or latency `budget`, relative to the cost at `original` widths (default: now).
 
-    Mode "cost": `cost.select_by_cost`, channels compete on score per unit of cost saved.
+    Mode "cost": `cost.select_by_cost`, channels compete on score per unit of cost saved; with
+    weighting "sensitivity", each group's scores are scaled by `sensitivity` (per eligible
+    group: the units its `probe_keeps` cut removes and the loss rise measured with that cut).
     Otherwise the amount of a global channels budget is bisected until the predicted cost is
     reached (within `tolerance` below the target), so the channels go in the global order, as
     `select_for_flops` removes them. A model already at the target loses nothing; a
@@ -364,14 +391,14 @@ def select_for_cost(
     if budget.mode == "cost":
         if not eligible:
             select_channels(groups, scores, budget.deepest(), original)  # the one-line refusal
+        if budget.weighting == "sensitivity" and sensitivity is None:
+            raise ValueError("weighting 'sensitivity' needs the measured sensitivity of every eligible group")
         unit_scores = {g.name: _unit_scores(g, scores) for g in eligible}
-        floors = {
-            g.name: _floor(g, full[g.name], budget.max_ratio, budget.min_channels) for g in eligible
-        }
-        steps = {g.name: math.lcm(g.unit, budget.round_to) for g in eligible}
-        # Rounded floors: a group can go no lower than its floor rounded up to its step.
-        floors = {n: min(math.ceil(f / steps[n]) * steps[n], current[n]) for n, f in floors.items()}
-        widths = select_by_cost(eligible, unit_scores, floors, steps, cost_model, target, current)
+        floors, steps = _cost_floors(eligible, budget, full, current)
+        widths = select_by_cost(
+            eligible, unit_scores, floors, steps, cost_model, target, current,
+            sensitivity=sensitivity if budget.weighting == "sensitivity" else None,
+        )  # fmt: skip
         reached = cost_model.predict({**current, **widths})
         if reached > target * (1 + 1e-9):
             raise out_of_reach(reached)
@@ -401,6 +428,44 @@ def select_for_cost(
         else:
             low = middle
     return best
+
+
+def _cost_floors(
+    eligible: Sequence[ChannelGroup], budget: Budget, full: Mapping[str, int], current: Mapping[str, int]
+) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Per eligible group, the narrowest width mode "cost" may leave (the floor of `full`,
+    rounded up to the step, never above `current`) and the step it removes at a time."""
+    steps = {g.name: math.lcm(g.unit, budget.round_to) for g in eligible}
+    floors = {}
+    for g in eligible:
+        floor = _floor(g, full[g.name], budget.max_ratio, budget.min_channels)
+        floors[g.name] = min(math.ceil(floor / steps[g.name]) * steps[g.name], current[g.name])
+    return floors, steps
+
+
+def probe_keeps(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[str, torch.Tensor],
+    budget: Budget,
+    original: Optional[Mapping[str, int]] = None,
+    share: float = 0.5,
+) -> Dict[str, Tuple[int, List[int]]]:
+    """The cuts whose loss rise calibrates weighting "sensitivity": per eligible group that can
+    still lose a step, the keep set without its lowest-scored units down `share` of the way to
+    the floor mode "cost" would stop at (at least one step), with the number of units it
+    removes. Each is tried alone: every other group stays whole."""
+    current = {g.name: g.size for g in groups}
+    full = {**current, **(original or {})}
+    eligible = budget.eligible(groups)
+    floors, steps = _cost_floors(eligible, budget, full, current)
+    probes = {}
+    for g in eligible:
+        room = (current[g.name] - floors[g.name]) // steps[g.name]
+        if room < 1:
+            continue
+        width = current[g.name] - max(1, round(room * share)) * steps[g.name]
+        probes[g.name] = ((g.size - width) // g.unit, _top_channels(g, _unit_scores(g, scores), width))
+    return probes
 
 
 def _is_number(value) -> bool:

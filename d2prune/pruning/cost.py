@@ -421,6 +421,8 @@ def select_by_cost(
     model: CostModel,
     target: float,
     widths: Optional[Mapping[str, int]] = None,
+    *,
+    sensitivity: Optional[Mapping[str, Tuple[int, float]]] = None,
 ) -> Dict[str, int]:
     """Widths of the eligible `groups` after removing, step by step, the channels whose
     normalised score is lowest per unit of cost saved, until `model.predict` is at most `target`
@@ -433,6 +435,14 @@ def select_by_cost(
     scores, its saving the drop in predicted cost over the layers the group enters. Savings
     change as neighbouring groups narrow, so those of the touched group and of the groups it
     shares a layer with are recomputed after each step.
+
+    `sensitivity` (name: (units removed, loss rise)) rescales each group so that the importance
+    of its lowest `units` equals the rise of the training loss measured when exactly those were
+    cut: groups then compare on what their channels are worth to the loss, not on their rank
+    within the group alone (a layer-wise sensitivity analysis, Li et al., "Pruning Filters for
+    Efficient ConvNets", ICLR 2017, used as HALP uses its loss-based saliency). A rise at or
+    below zero is raised to a thousandth of the largest one, so that the group still ranks its
+    own channels. Groups missing from `sensitivity` (already at their floor) keep weight 1.
     """
     by_name = {g.name: g for g in groups}
     widths = {**({g.name: g.size for g in groups} if widths is None else widths)}
@@ -451,6 +461,13 @@ def select_by_cost(
         for value in sorted((normalised[n] - lowest).tolist()):
             sums.append(sums[-1] + value * g.unit)
         prefix[n] = sums
+    if sensitivity:
+        rises = {n: rise for n, (_, rise) in sensitivity.items() if n in by_name}
+        least = 1e-3 * max([r for r in rises.values() if r > 0], default=1.0)
+        for n, rise in rises.items():
+            units = sensitivity[n][0]
+            weight = max(rise, least) / max(prefix[n][units], 1e-3 * units)
+            prefix[n] = [value * weight for value in prefix[n]]
 
     def group_cost(n: str, at: Mapping[str, int]) -> float:
         return sum(model.layer_cost(layer, at) for layer in layers_of.get(n, []))
