@@ -94,6 +94,20 @@ def trained(tmp_path_factory):
     return root, out, results
 
 
+@pytest.fixture(scope="session")
+def checkpoints(trained, tmp_path_factory):
+    """(data root, the trained model's checkpoint, one with the first half of each block group kept)."""
+    from d2prune.engine.checkpoint import PrunedCheckpointer, load_model
+    from d2prune.pruning import find_groups, prune
+
+    root, out, _ = trained
+    dest = tmp_path_factory.mktemp("pruned_checkpoint")
+    model = load_model(setup_cfg(CONFIG, tiny_opts(root, dest)), str(out / "model_final.pth"))
+    prune(model, {g.name: list(range(g.size // 2)) for g in find_groups(model) if g.kind == "block"})
+    PrunedCheckpointer(model, str(dest)).save("model_pruned")
+    return root, out / "model_final.pth", dest / "model_pruned.pth"
+
+
 def run_tool(tool: str, *args) -> subprocess.CompletedProcess:
     """Run `tools/<tool>` in a fresh interpreter, as a user would."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")

@@ -142,19 +142,20 @@ def test_the_detector_section_prunes_each_arm_to_its_target(trained, tmp_path, m
     root, out, _ = trained
     rows, unreachable = detector_rows(
         CONFIG, str(out / "model_final.pth"), "synthetic_source_val", [0.3, 0.995],
-        arms=["block, FLOPs", "all kinds, FLOPs, cost-aware", "all kinds, latency, cost-aware"],
+        arms=["block, FLOPs", "all kinds, FLOPs, cost-aware", "all kinds, latency, cost-aware",
+              "all kinds, FLOPs, cost-aware, sensitivity"],
         finetune_iters=1, images=2, rounds=1, repeats=1, output_dir=str(tmp_path / "bench"),
         opts=[*tiny_opts(root, tmp_path / "ft"), "PRUNE.LATENCY_CACHE", str(tmp_path / "cache")],
     )  # fmt: skip
     assert rows[0]["arm"] == "unpruned"
     by = {(r["arm"], r["level"]): r for r in rows[1:]}
-    for arm in ("block, FLOPs", "all kinds, FLOPs, cost-aware"):
+    for arm in ("block, FLOPs", "all kinds, FLOPs, cost-aware", "all kinds, FLOPs, cost-aware, sensitivity"):
         # FLOPs are counted on the first images of the set, the budget's on a random image: close.
         assert by[arm, 0.3]["flops_cut"] == pytest.approx(0.3, abs=0.06), arm
     latency = by["all kinds, latency, cost-aware", 0.3]
     assert latency["predicted_ms"] <= 0.7 * latency["predicted_unpruned_ms"] * 1.001
     # 99.5 % is out of every arm's reach at max_ratio 0.9: named, not silently skipped.
-    assert len(unreachable) == 3 and all("out of reach" in u for u in unreachable)
+    assert len(unreachable) == 4 and all("out of reach" in u for u in unreachable)
     for r in rows:
         assert r["ms 1 thread"] > 0 and "oneshot_bbox_AP" in r and "finetuned_bbox_AP" in r
     assert "cost-aware" in detector_table(rows)

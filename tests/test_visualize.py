@@ -9,24 +9,10 @@ import torch
 from detectron2.structures import Boxes, Instances
 from PIL import Image
 
-from d2prune.config import setup_cfg
 from d2prune.data.synthetic import split_paths
-from d2prune.engine.checkpoint import PrunedCheckpointer, load_model
-from d2prune.pruning import find_groups, prune
 from projects.visualize import GAP, PANEL, TITLE, matched
 
 from .conftest import CONFIG, run_tool, tiny_opts
-
-
-@pytest.fixture(scope="module")
-def checkpoints(trained, tmp_path_factory):
-    """The trained model's checkpoint and one with the first half of each block group kept."""
-    root, out, _ = trained
-    dest = tmp_path_factory.mktemp("visualize_pruned")
-    model = load_model(setup_cfg(CONFIG, tiny_opts(root, dest)), str(out / "model_final.pth"))
-    prune(model, {g.name: list(range(g.size // 2)) for g in find_groups(model) if g.kind == "block"})
-    PrunedCheckpointer(model, str(dest)).save("model_pruned")
-    return root, out / "model_final.pth", dest / "model_pruned.pth"
 
 
 @pytest.mark.subprocess

@@ -23,6 +23,7 @@ from d2prune.errors import exit_on_user_error
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
+from projects.benchmark.detector import ARMS  # noqa: E402
 from projects.benchmark.run import DEFAULT_SECTIONS, SECTIONS, main  # noqa: E402
 
 
@@ -59,6 +60,9 @@ def argument_parser():
     group.add_argument("--latency-dataset", default="synthetic_target_val", help="real images to time on")
     group.add_argument("--detector-criterion", default="l1")
     group.add_argument("--finetune-iters", type=int, default=100)
+    group.add_argument("--finetune-lr", type=float, help="base LR of that fine-tune (default: the config's)")
+    group.add_argument("--detector-arms", nargs="+", choices=list(ARMS), metavar="ARM",
+                       help=f"arms to run (default: all): {'; '.join(ARMS)}")
     group.add_argument("--images", type=int, default=8, help="images timed per model")
     group.add_argument("--detector-output", default="output/benchmark_detector", metavar="DIR")
     group.add_argument("--detector-rows", metavar="JSON",

@@ -21,7 +21,7 @@ from d2prune.config import setup_cfg
 from d2prune.data import register_datasets
 from d2prune.engine import PrunedCheckpointer
 from d2prune.engine.checkpoint import load_model
-from d2prune.engine.oneshot import evaluate, finetune
+from d2prune.engine.oneshot import evaluate, finetune, scoring_batches
 from d2prune.engine.selection import build_criterion, build_latency_model, choose_keep
 from d2prune.errors import UserError
 from d2prune.fuse import prepare_for_inference
@@ -34,19 +34,22 @@ logger = logging.getLogger(__name__)
 
 ALL_KINDS = ("stem", "block", "stage", "fpn", "head")
 
-# Arm -> (PRUNE.KINDS, target key, PRUNE.MODE).
+# Arm -> (PRUNE.KINDS, target key, PRUNE.MODE, PRUNE.COST_WEIGHTING).
 ARMS = {
-    "block, FLOPs": (("block",), "FLOPS_REDUCTION", "global"),
-    "all kinds, FLOPs": (ALL_KINDS, "FLOPS_REDUCTION", "global"),
-    "all kinds, FLOPs, cost-aware": (ALL_KINDS, "FLOPS_REDUCTION", "cost"),
-    "all kinds, latency, cost-aware": (ALL_KINDS, "LATENCY_REDUCTION", "cost"),
+    "block, FLOPs": (("block",), "FLOPS_REDUCTION", "global", "uniform"),
+    "all kinds, FLOPs": (ALL_KINDS, "FLOPS_REDUCTION", "global", "uniform"),
+    "all kinds, FLOPs, cost-aware": (ALL_KINDS, "FLOPS_REDUCTION", "cost", "uniform"),
+    "all kinds, latency, cost-aware": (ALL_KINDS, "LATENCY_REDUCTION", "cost", "uniform"),
+    "all kinds, FLOPs, cost-aware, sensitivity": (ALL_KINDS, "FLOPS_REDUCTION", "cost", "sensitivity"),
+    "all kinds, latency, cost-aware, sensitivity": (ALL_KINDS, "LATENCY_REDUCTION", "cost", "sensitivity"),
 }
 
 
 def arm_options(arm: str, level: float) -> List[str]:
     """The PRUNE overrides of one arm at one level."""
-    kinds, key, mode = ARMS[arm]
-    return ["PRUNE.KINDS", repr(list(kinds)), f"PRUNE.{key}", str(level), "PRUNE.MODE", mode]
+    kinds, key, mode, weighting = ARMS[arm]
+    return ["PRUNE.KINDS", repr(list(kinds)), f"PRUNE.{key}", str(level), "PRUNE.MODE", mode,
+            "PRUNE.COST_WEIGHTING", weighting]  # fmt: skip
 
 
 def real_images(cfg, dataset: str, count: int) -> List[dict]:
@@ -141,7 +144,9 @@ def detector_rows(
                 finally:
                     torch.set_num_threads(threads)
             try:
-                keep = choose_keep(arm_cfg, pruned, build_criterion(arm_cfg), None, cost_model=cost_model)
+                criterion = build_criterion(arm_cfg)
+                batches = scoring_batches(arm_cfg, criterion)  # data criteria and sensitivity weighting
+                keep = choose_keep(arm_cfg, pruned, criterion, batches, cost_model=cost_model)
             except UserError as e:  # e.g. block pruning alone cannot remove that much
                 unreachable.append(f"{arm} at {level:.0%}: {e}")
                 say(unreachable[-1])

@@ -114,9 +114,10 @@ def detector_part(args) -> List[str]:
     else:
         rows, unreachable = detector_rows(
             args.detector_config, args.detector_weights, args.latency_dataset, args.levels,
-            criterion=args.detector_criterion, finetune_iters=args.finetune_iters, images=args.images,
-            rounds=args.rounds, repeats=args.repeats, output_dir=args.detector_output,
-            progress=lambda text: print(text, flush=True),
+            arms=args.detector_arms or tuple(ARMS), criterion=args.detector_criterion,
+            finetune_iters=args.finetune_iters, images=args.images, rounds=args.rounds, repeats=args.repeats,
+            output_dir=args.detector_output, progress=lambda text: print(text, flush=True),
+            opts=["SOLVER.BASE_LR", str(args.finetune_lr)] if args.finetune_lr else [],
         )  # fmt: skip
     evaluated = sum("oneshot_bbox_AP" in r for r in rows)
     tuned = sum("finetuned_bbox_AP" in r for r in rows)
@@ -127,7 +128,13 @@ def detector_part(args) -> List[str]:
     text = detector_table(rows)
     print(text, flush=True)
     plot = plot_ap_vs_latency(rows, os.path.splitext(args.output or "benchmark_detector.md")[0] + ".png")
-    arms = "; ".join(f"**{a}**: kinds {', '.join(k)}, {t.replace('_', ' ').lower()} target, mode {m}" for a, (k, t, m) in ARMS.items())
+    shown = dict.fromkeys(r["arm"] for r in rows[1:]) or ARMS
+    arms = "; ".join(
+        f"**{a}**: kinds {', '.join(k)}, {t.replace('_', ' ').lower()} target, mode {m}"
+        + (f", groups weighed by {w}" if w != "uniform" else "")
+        for a, (k, t, m, w) in ARMS.items() if a in shown
+    )  # fmt: skip
+    lr = f"at base LR {args.finetune_lr:g}" if args.finetune_lr else "at the config's learning rate"
     return [
         "## The whole detector: block-only against every kind, by FLOPs and by latency", "",
         f"`{args.detector_config}` with `{args.detector_weights}` (the trained shipped model), pruned "
@@ -138,7 +145,7 @@ def detector_part(args) -> List[str]:
         f"(real images, real proposals), minimum over {args.rounds} interleaved rounds of "
         f"{args.repeats} passes, one torch thread as CPU time and all threads as elapsed time. "
         f"AP: bbox AP on the config's DATASETS.TEST, as pruned and after {args.finetune_iters} "
-        "iterations of fine-tuning on its DATASETS.TRAIN at the config's learning rate. "
+        f"iterations of fine-tuning on its DATASETS.TRAIN {lr}. "
         "Every model is timed as deployed on the CPU: `d2prune.fuse.prepare_for_inference` (norms "
         "folded into the convs, channels-last). "
         "Cut ratio: latency cut / FLOPs cut (1.0: every FLOP removed is time saved)." + missing, "",
