@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo study study-full study-schedule overfit-curve study-regime study-regime-detector source demo-prune explain export benchmark benchmark-gpu test test-fast test-d2main visualize data lint clean
+.PHONY: setup demo study study-full study-schedule whole-detector-study overfit-curve study-regime study-regime-detector source demo-prune explain export benchmark benchmark-gpu test test-fast test-d2main visualize data lint clean
 
 setup:
 	@bash tools/setup/install.sh
@@ -52,7 +52,24 @@ study-schedule: data
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_1thread
 	$(PY) tools/study.py $(SCHEDULE_ARGS) --output output/study_schedule/iter200_2threads --jobs 1
 
-# The study where fine-tuning can overfit (issue 16): 1500 iterations (7.5 times the study's),
+# Whole-detector pruning to a latency target against block-only pruning, on the study's fine-tune
+# (40 target images, 5 seeds, one thread per run): l1 on the block channels at 70 and 90 %, and
+# l1 over every kind of group to -40 % of the detector's predicted time (mode cost), with the
+# groups weighed uniformly and by their measured loss sensitivity (PRUNE.COST_WEIGHTING). Then
+# every architecture is timed as deployed on real target images, and the report compares AP at
+# the measured latency -> docs/whole_detector.md (about 35 minutes on 2 cores: 35 runs of 1-1.5
+# minutes, two at a time).
+WHOLE_ARGS := --config-file $(STUDY_CONFIG) --output output/whole_detector --criteria l1 --seeds 0 1 2 3 4 \
+	--train-sizes 40 --jobs 2 --threads 1
+
+whole-detector-study: data
+	$(PY) tools/study.py $(WHOLE_ARGS) --ratios 0.7 0.9 --title "Block-only pruning"
+	$(PY) tools/study.py $(WHOLE_ARGS) --latency-reduction 0.4 --kinds stem block stage fpn head --mode cost \
+		--cost-weighting uniform sensitivity --report-all --report docs/whole_detector.md \
+		--notes docs/whole_detector_notes.md \
+		--title "Whole-detector pruning to a latency target against block-only pruning"
+
+: 1500 iterations (7.5 times the study's),
 # 10 and 40 target images, a validation split of 100 target images evaluated every 100 iterations
 # (the curves, and the early-stopped model: each run's best validation checkpoint) and a test
 # split of 200 other ones, which every run is reported on and which chooses nothing. One torch

@@ -156,11 +156,11 @@ def test_delta_table_and_headline_rank_criteria_and_count_significant_comparison
     lines = report.answer(rows, 40)
     assert lines[-4] == "Deepest pruning matched: on several seeds, ratio 0.5 (40 % fewer backbone FLOPs) by l1."
     # l1's +1 x 3 and taylor's -3 x 3 at 0.5: mean -1, std sqrt(6 * 4 / 5)
-    assert lines[-3] == ("Pooled over criteria (every pruned run against its seed's baseline): ΔAP +2.00 ± 1.00 at 0.3 "
-                         "(3 runs), ΔAP -1.00 ± 2.19 at 0.5 (6 runs).")
+    assert lines[-3] == ("Pooled over criteria (every pruned run against its seed's baseline): ΔAP +2.00 ± 1.00 at ratio 0.3 "
+                         "(3 runs), ΔAP -1.00 ± 2.19 at ratio 0.5 (6 runs).")
     assert table[4] == "| *all criteria pooled* | +2.00 ± 1.00 (3) | -1.00 ± 2.19 (6) | |"
     assert lines[-2] == "Mean ΔAP over each criterion's ratios, best first: l1 +1.50, taylor -3.00."
-    assert lines[-1] == ("2 of 3 paired comparisons reach p < 0.05: l1 at 0.5 (+1.00), taylor at 0.5 (-3.00) "
+    assert lines[-1] == ("2 of 3 paired comparisons reach p < 0.05: l1 at ratio 0.5 (+1.00), taylor at ratio 0.5 (-3.00) "
                          "(by chance alone about 0.2 would).")
     assert report.delta_table(report.summarize(results[:3]), 40) == ""
     # random at 0.5 on seeds 0 and 1 only: l1 is compared on those two runs (+2, +2), taylor on
@@ -222,7 +222,7 @@ def test_a_criterion_below_the_baseline_is_said_to_be(tmp_path):
     results = [_result(None, 0.0, s, 10.0 + s, 100.0) for s in range(3)]
     results += [_result("random", 0.5, s, 5.0, 60.0) for s in range(3)]
     rows = report.summarize(results)
-    assert report.answer(rows, 40)[1] == "random: below the baseline's seed spread at every ratio (at 0.5: ΔAP -6.00, 3 seed(s))."
+    assert report.answer(rows, 40)[1] == "random: below the baseline's seed spread at every level (at ratio 0.5: ΔAP -6.00, 3 seed(s))."
     assert os.path.isfile(report.plot_ap_vs_flops(rows, 40, str(tmp_path / "a.png")))
     assert report.plot_ap_vs_train_size(rows, str(tmp_path / "b.png")) is None
     assert os.path.isfile(report.plot_delta(rows, 40, str(tmp_path / "c.png")))
@@ -270,9 +270,15 @@ def test_a_tiny_study_end_to_end(tiny_study):
     assert [r["threads"] for r in results] == [threads, threads]
     assert f"- every run with {threads} torch thread" in md
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
+    # Both architectures timed as deployed, the pruned one beside the baseline and scaled to it.
+    latency = json.loads((out / "latency_deployed.json").read_text())
+    keys = {report.spec_key(r["spec"]) for r in results}
+    assert keys <= set(latency) and latency[report.spec_key(base["spec"])] == latency["_reference_ms"] > 0
+    assert latency[report.spec_key(pruned["spec"])] > 0
     again = run_tool("study.py", *args(out, "--jobs", "2"))
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
     assert len(study.load_results(str(out))) == 2
+    assert json.loads((out / "latency_deployed.json").read_text()) == latency  # read, not timed again
 
 
 def _without_wall_times(results):

@@ -39,6 +39,27 @@ def test_plan_adds_frozen_baselines_other_targets_and_every_size():
         study.plan(["l1"], [0.5], [0], [10], 10, target="params")
 
 
+def test_cost_weightings_are_arms_of_their_own_in_the_plan_and_the_report():
+    jobs = study.plan(["l1"], [0.4], [0, 1], [40], 40, target="latency", weightings=["uniform", "sensitivity"])
+    names = [j.name for j in jobs if j.criterion]
+    assert names == ["l1_latency0.4_n40_s0", "l1_latency0.4_sensitivity_n40_s0",
+                     "l1_latency0.4_n40_s1", "l1_latency0.4_sensitivity_n40_s1"]
+    weighted = study.Job("l1", 0.4, 0, 40, "latency", weighting="sensitivity")
+    assert weighted.overrides()[-4:] == ["PRUNE.LATENCY_REDUCTION", "0.4", "PRUNE.COST_WEIGHTING", "sensitivity"]
+    assert "PRUNE.COST_WEIGHTING" not in study.Job("l1", 0.4, 0, 40, "latency").overrides()  # as before
+    runs = [dict(_run(None, s, 8.0, 8.0, [[100, 8.0, 0]]), target="latency") for s in (0, 1)]
+    runs += [dict(_run("l1", s, ap, ap, [[100, ap, 0]]), target="latency", ratio=0.4, weighting=w)
+             for s in (0, 1) for w, ap in (("uniform", 6.0 + s), ("sensitivity", 7.5 + s))]
+    rows = {r["criterion"]: r for r in report.summarize([dict(r, train_size=40) for r in runs])}
+    assert rows["l1"]["AP"] == 6.5 and rows["l1 (sensitivity)"]["AP"] == 8.0
+    assert rows["l1 (sensitivity)"]["dAP"] == pytest.approx(0.0) and rows["l1"]["dAP"] == pytest.approx(-1.5)
+    assert report.arm_label(runs[-1]) == "l1 (sensitivity) latency -40 %"
+    # Beside a block-channel arm of the same number (`--report-all`): two columns, not one.
+    block = [dict(_run("l1", s, 7.0, 7.0, [[100, 7.0, 0]]), ratio=0.4) for s in (0, 1)]
+    table = report.delta_table(report.summarize([dict(r, train_size=40) for r in runs + block]), 40)
+    assert "| ratio 0.4 (100 % FLOPs) | -40 % latency (100 % FLOPs) | mean |" in table
+
+
 def test_the_test_split_is_disjoint_from_validation_and_independent_of_its_size(tmp_path):
     test, validation = study.prepare_eval_splits(str(tmp_path), val_size=2, test_size=3, image_size=64)
     assert (test[0], validation[0]) == ("study_target_test_3", "study_target_validation_2")

@@ -57,6 +57,8 @@ def argument_parser():
                         help="PRUNE.KINDS of every pruned run, e.g. stem block stage fpn head: the whole detector")
     parser.add_argument("--mode", choices=["local", "global", "cost"], default=None,
                         help="PRUNE.MODE of every pruned run (cost: with --flops-reduction or --latency-reduction)")
+    parser.add_argument("--cost-weighting", nargs="+", default=["uniform"], choices=["uniform", "sensitivity"],
+                        help="with --mode cost: PRUNE.COST_WEIGHTING of the pruned arms, one arm per value")
     parser.add_argument("--freeze-at", nargs="+", type=int, default=[], metavar="K",
                         help="baseline arms with less to train: unpruned with MODEL.BACKBONE.FREEZE_AT K")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -77,9 +79,13 @@ def argument_parser():
     parser.add_argument("--data-root", default="datasets/synthetic_study", help="where the target train subsets go")
     parser.add_argument("--image-size", type=int, default=192, help="side of the generated target images")
     parser.add_argument("--report", default=None, metavar="MD", help="markdown report (default: OUTPUT/results.md)")
-    parser.add_argument("--latency-repeats", type=int, default=20)
+    parser.add_argument("--latency-repeats", type=int, default=2,
+                        help="passes per round when each architecture is timed after the runs (3 rounds)")
     parser.add_argument("--notes", default=None, metavar="MD", help="a hand-written reading of the results, put in the report")
     parser.add_argument("--title", default="Transfer study", help="the report's title")
+    parser.add_argument("--report-all", action="store_true",
+                        help="report every finished run in OUTPUT, also those of earlier commands with other "
+                             "targets, kinds or criteria (default: this command's runs only)")
     parser.add_argument("--report-only", action="store_true", help="start no run: report the finished ones")
     parser.add_argument("--status", action="store_true",
                         help="start no run: list the planned runs pending, running, finished and failed (with their logs)")

@@ -17,25 +17,21 @@ mean over the first three images. Trailing KEY VALUE pairs override the config.
 """
 
 import argparse
-import copy
 import os
 import statistics
 import sys
 
-import torch
-
-from d2prune.complexity import count_flops, count_params, interleaved_latency
+from d2prune.complexity import count_flops, count_params
 from d2prune.config import setup_cfg
 from d2prune.data import add_dataset_argument, register_datasets
 from d2prune.engine.checkpoint import load_model
 from d2prune.errors import UserError, exit_on_user_error
-from d2prune.fuse import prepare_for_inference
 from d2prune.utils.io import atomic_write_text
 
 # The experiments and reports in projects/ sit on top of the library, beside this folder.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
 
-from projects.benchmark.detector import real_images  # noqa: E402
+from projects.benchmark.detector import real_images, time_deployed  # noqa: E402
 
 
 def argument_parser():
@@ -67,28 +63,17 @@ def main(args) -> str:
     for path in args.checkpoints:
         if not os.path.isfile(path):
             raise UserError(f"{path}: checkpoint file not found.")
-    torch.set_num_threads(1)
     cfg = setup_cfg(args.config_file, ["MODEL.DEVICE", "cpu", *args.opts], args.dataset)
     register_datasets(cfg)
     inputs = real_images(cfg, args.split, args.images)
     models = [load_model(cfg, path) for path in args.checkpoints]
     counted = inputs[: min(3, len(inputs))]
     flops = [statistics.fmean(count_flops(m, [x])["total"] for x in counted) for m in models]
-    timed = models if args.as_built else [prepare_for_inference(copy.deepcopy(m)) for m in models]
-
-    def per_image(model):
-        def run(images):
-            for x in images:
-                model([x])
-
-        return run
-
-    times = interleaved_latency([per_image(m) for m in timed], inputs, warmup=1, repeats=args.repeats,
-                                rounds=args.rounds, clock_name="cpu")  # fmt: skip
-    base_ms, base_flops = times[0]["min_ms"] / len(inputs), flops[0]
+    times = time_deployed(models, inputs, rounds=args.rounds, repeats=args.repeats, prepared=not args.as_built)
+    base_ms, base_flops = times[0]["min_ms"], flops[0]
     rows = []
     for label, model, f, t in zip(labels, models, flops, times):
-        median, least = t["median_ms"] / len(inputs), t["min_ms"] / len(inputs)
+        median, least = t["median_ms"], t["min_ms"]
         rows.append([label, f"{count_params(model) / 1e6:.2f}", f"{f / 1e9:.3f}", f"{1 - f / base_flops:.1%}",
                      f"{median:.1f} / {least:.1f}", f"{1 - least / base_ms:.1%}",
                      f"{(1 - least / base_ms) / (1 - f / base_flops):.2f}" if f < base_flops else "–"])  # fmt: skip

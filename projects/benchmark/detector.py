@@ -28,7 +28,10 @@ from d2prune.fuse import prepare_for_inference
 from d2prune.pruning import channel_spec, prune
 from d2prune.utils.io import write_json
 
-__all__ = ["ALL_KINDS", "ARMS", "arm_options", "real_images", "detector_rows", "detector_table", "plot_ap_vs_latency"]
+__all__ = [
+    "ALL_KINDS", "ARMS", "arm_options", "real_images", "time_deployed", "detector_rows", "detector_table",
+    "plot_ap_vs_latency",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,25 @@ def _per_image(model) -> Callable:
             model([x])
 
     return run
+
+
+def time_deployed(
+    models: Sequence[torch.nn.Module], images: List[dict], *, rounds: int = 3, repeats: int = 2, prepared: bool = True,
+) -> List[Dict[str, float]]:
+    """ms per image of each model as deployed on one CPU thread: CPU time of the process, one
+    image per call, every model taking turns in each of `rounds` rounds of `repeats` passes
+    (`interleaved_latency`); "median_ms" and "min_ms" per model. With `prepared`, each is timed
+    as a deep copy made ready by `d2prune.fuse.prepare_for_inference` (norms folded,
+    channels-last), as `d2prune.Predictor` runs it. Torch's thread count is restored after."""
+    threads = torch.get_num_threads()
+    timed = [prepare_for_inference(copy.deepcopy(m).eval()) for m in models] if prepared else list(models)
+    torch.set_num_threads(1)
+    try:
+        times = interleaved_latency([_per_image(m) for m in timed], images, warmup=1, repeats=repeats,
+                                    rounds=rounds, clock_name="cpu")  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    return [{"median_ms": t["median_ms"] / len(images), "min_ms": t["min_ms"] / len(images)} for t in times]
 
 
 def _latencies(models: Sequence[torch.nn.Module], images: List[dict], rounds: int, repeats: int) -> Dict[str, List[float]]:

@@ -55,17 +55,32 @@ def arm_label(r: Mapping) -> str:
         return "unpruned" if r.get("freeze_at") is None else f"unpruned, FREEZE_AT {r['freeze_at']}"
     target = r.get("target", "channels")
     if target == "channels":
-        return f"{r['criterion']} ratio {r['ratio']:g}"
-    return f"{r['criterion']} {'FLOPs' if target == 'flops' else 'latency'} -{100 * r['ratio']:.0f} %"
+        return f"{criterion_label(r)} ratio {r['ratio']:g}"
+    return f"{criterion_label(r)} {'FLOPs' if target == 'flops' else 'latency'} -{100 * r['ratio']:.0f} %"
+
+
+def criterion_label(r: Mapping) -> str:
+    """A pruned arm's criterion, with the cost weighting when it is not the uniform one:
+    `l1`, `l1 (sensitivity)`."""
+    weighting = r.get("weighting", "uniform")
+    return r["criterion"] if weighting == "uniform" else f"{r['criterion']} ({weighting})"
 
 
 def _arm_key(r: Mapping) -> Tuple:
-    return r["train_size"], r["criterion"], r.get("target", "channels"), r["ratio"], r.get("freeze_at")
+    return (r["train_size"], r["criterion"], r.get("target", "channels"), r["ratio"], r.get("freeze_at"),
+            r.get("weighting", "uniform"))  # fmt: skip
 
 
 def _arm_order(r: Mapping) -> Tuple:
     kind = 0 if is_baseline(r) else 1 if r["criterion"] is None else 2
-    return r["train_size"], kind, r.get("freeze_at") or 0, r.get("target", "channels"), r["ratio"], r["criterion"] or ""
+    return (r["train_size"], kind, r.get("freeze_at") or 0, r.get("target", "channels"), r["ratio"],
+            r["criterion"] or "", r.get("weighting", "uniform"))  # fmt: skip
+
+
+def _mean_latency(runs: Sequence[Mapping], latency: Optional[Callable[[Mapping], Optional[float]]]) -> Optional[float]:
+    """Mean measured latency over the runs of an arm (their architectures can differ by seed)."""
+    values = [v for v in (latency(r) for r in runs) if v] if latency else []
+    return statistics.fmean(values) if values else None
 
 
 def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], Optional[float]]] = None,
@@ -81,17 +96,19 @@ def summarize(results: Sequence[Mapping], latency: Optional[Callable[[Mapping], 
         if r.get(metric) is not None:
             cells[_arm_key(r)].append(r)
     rows = []
-    for (size, criterion, target, ratio, freeze_at), runs in cells.items():
+    for (size, criterion, target, ratio, freeze_at, _), runs in cells.items():
         ap, ap_std = _mean_std([r[metric] for r in runs])
         ap50, ap50_std = _mean_std([r[f"{metric}50"] for r in runs])
         rows.append({
-            "train_size": size, "criterion": criterion, "target": target, "ratio": ratio, "freeze_at": freeze_at,
+            # A weighted arm is reported as a criterion of its own: `l1 (sensitivity)`.
+            "train_size": size, "criterion": criterion_label(runs[0]) if criterion else criterion,
+            "target": target, "ratio": ratio, "freeze_at": freeze_at,
             "metric": metric, "seeds": sorted(r["seed"] for r in runs),
             "AP": ap, "AP_std": ap_std, "AP50": ap50, "AP50_std": ap50_std,
             "params": statistics.fmean(r["params"] for r in runs),
             "flops": statistics.fmean(r["flops"] for r in runs),
             "backbone_flops": statistics.fmean(r["backbone_flops"] for r in runs),
-            "latency_ms": latency(runs[0]) if latency else None,
+            "latency_ms": _mean_latency(runs, latency),
             "runs": runs,
         })
     baselines = {row["train_size"]: row for row in rows if is_baseline(row)}
@@ -142,7 +159,7 @@ def answer(rows: Sequence[Mapping], train_size: int) -> List[str]:
         def best(found):
             r = max(found, key=lambda r: 1 - r["backbone_flops_share"])
             spread = "" if r["pairs"] < 2 else f" ± {r['dAP_std']:.2f}, p {r['p']:.2f}"
-            return (f"{100 * (1 - r['backbone_flops_share']):.0f} % fewer backbone FLOPs (ratio {r['ratio']:g}, "
+            return (f"{100 * (1 - r['backbone_flops_share']):.0f} % fewer backbone FLOPs ({_level_text(_level(r))}, "
                     f"ΔAP {r['dAP']:+.2f}{spread}, {r['pairs']} seed{'s' if r['pairs'] > 1 else ''})")
 
         if beat:
@@ -151,8 +168,8 @@ def answer(rows: Sequence[Mapping], train_size: int) -> List[str]:
             lines.append(f"{name}: within the baseline's seed spread up to {best(match)}.")
         else:
             worst = min(cells, key=lambda r: r["ratio"])
-            lines.append(f"{name}: below the baseline's seed spread at every ratio "
-                         f"(at {worst['ratio']:g}: ΔAP {worst['dAP']:+.2f}, {worst['pairs']} seed(s)).")
+            lines.append(f"{name}: below the baseline's seed spread at every level "
+                         f"(at {_level_text(_level(worst))}: ΔAP {worst['dAP']:+.2f}, {worst['pairs']} seed(s)).")
     return lines + _headline(by_criterion, tolerance)
 
 
@@ -169,16 +186,16 @@ def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -
     for label, found in (("on several seeds", [r for r in matched if r["pairs"] >= 2]),
                          ("on one seed", [r for r in matched if r["pairs"] < 2])):
         if found:
-            deepest = max(r["ratio"] for r in found)
-            at = [r for r in found if r["ratio"] == deepest]
+            deepest = max((_level(r) for r in found), key=lambda level: level[1])
+            at = [r for r in found if _level(r) == deepest]
             share = statistics.fmean(r["backbone_flops_share"] for r in at)
-            parts.append(f"{label}, ratio {deepest:g} ({100 * (1 - share):.0f} % fewer backbone FLOPs) "
+            parts.append(f"{label}, {_level_text(deepest)} ({100 * (1 - share):.0f} % fewer backbone FLOPs) "
                          f"by {', '.join(sorted(r['criterion'] for r in at))}")
     if parts:
         lines.append(f"Deepest pruning matched: {'; '.join(parts)}.")
     pooled = _pooled(cells)
     lines.append("Pooled over criteria (every pruned run against its seed's baseline): "
-                 + ", ".join(f"ΔAP {mean:+.2f} ± {_fmt(std, '.2f')} at {x:g} ({n} run{'s' if n > 1 else ''})"
+                 + ", ".join(f"ΔAP {mean:+.2f} ± {_fmt(std, '.2f')} at {_level_text(x)} ({n} run{'s' if n > 1 else ''})"
                              for x, (mean, std, n) in sorted(pooled.items())) + ".")
     means = {name: statistics.fmean(r["dAP"] for r in rows) for name, rows in by_criterion.items()}
     ranked = sorted(means, key=means.get, reverse=True)
@@ -186,7 +203,7 @@ def _headline(by_criterion: Mapping[str, Sequence[Mapping]], tolerance: float) -
                  + ", ".join(f"{name} {means[name]:+.2f}" for name in ranked) + ".")
     tested = [r for r in cells if r["pairs"] >= 2]
     if tested:
-        significant = sorted(f"{r['criterion']} at {r['ratio']:g} ({r['dAP']:+.2f})" for r in tested if r["p"] < 0.05)
+        significant = sorted(f"{r['criterion']} at {_level_text(_level(r))} ({r['dAP']:+.2f})" for r in tested if r["p"] < 0.05)
         lines.append(f"{len(significant)} of {len(tested)} paired comparisons reach p < 0.05"
                      + (f": {', '.join(significant)}" if significant else "")
                      + f" (by chance alone about {0.05 * len(tested):.1f} would).")
@@ -208,6 +225,8 @@ def coverage(planned: Sequence[Mapping], finished: Collection[str], main_size: i
             kind = f"ratio {job['ratio']:g}"
         else:
             kind = f"{job['target']} -{100 * job['ratio']:.0f} %"
+        if job.get("weighting", "uniform") != "uniform":
+            kind += f" ({job['weighting']})"
         if job["train_size"] != main_size:
             kind += f" on {job['train_size']} images"
         cell = counts.setdefault(kind, [0, 0])
@@ -268,12 +287,26 @@ def _amount(r: Mapping) -> str:
     return f"{r['ratio']:g}" if target == "channels" else f"-{100 * r['ratio']:.0f} % {target}"
 
 
-def _pooled(cells: Sequence[Mapping]) -> Dict[float, Tuple[float, float, int]]:
-    """Per ratio: mean and std of the paired AP differences of every run of every criterion,
-    and their number: what pruning at that ratio costs, whichever criterion picks."""
+def _level(r: Mapping) -> Tuple[str, float]:
+    """What a pruned arm removes, as a key that orders and compares: (target, amount). A study
+    can mix targets (block channel ratios beside latency targets, `--report-all`)."""
+    return r.get("target", "channels"), r["ratio"]
+
+
+def _level_text(level: Tuple[str, float]) -> str:
+    """`ratio 0.5`, `-40 % FLOPs`, `-40 % latency`."""
+    target, amount = level
+    if target == "channels":
+        return f"ratio {amount:g}"
+    return f"-{100 * amount:.0f} % {'FLOPs' if target == 'flops' else 'latency'}"
+
+
+def _pooled(cells: Sequence[Mapping]) -> Dict[Tuple[str, float], Tuple[float, float, int]]:
+    """Per level (`_level`): mean and std of the paired AP differences of every run of every
+    criterion, and their number: what pruning that much costs, whichever criterion picks."""
     by_ratio = defaultdict(list)
     for r in cells:
-        by_ratio[r["ratio"]] += r["diffs"]
+        by_ratio[_level(r)] += r["diffs"]
     return {x: (*_mean_std(d), len(d)) for x, d in by_ratio.items() if d}
 
 
@@ -282,11 +315,11 @@ def _delta_grid(rows: Sequence[Mapping], train_size: int):
     plot lay them out: (cells, ratios, backbone FLOPs share per ratio, {criterion: {ratio:
     cell}}, criteria sorted by their mean ΔAP, best first)."""
     cells = [r for r in rows if r["criterion"] is not None and r["train_size"] == train_size and r.get("pairs")]
-    ratios = sorted({r["ratio"] for r in cells})
-    share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if r["ratio"] == x) for x in ratios}
+    ratios = sorted({_level(r) for r in cells})
+    share = {x: statistics.fmean(r["backbone_flops_share"] for r in cells if _level(r) == x) for x in ratios}
     table = defaultdict(dict)
     for r in cells:
-        table[r["criterion"]][r["ratio"]] = r
+        table[r["criterion"]][_level(r)] = r
     order = sorted(table, key=lambda name: -statistics.fmean(r["dAP"] for r in table[name].values()))
     return cells, ratios, share, table, order
 
@@ -301,7 +334,7 @@ def delta_table(rows: Sequence[Mapping], train_size: int) -> str:
     if not cells:
         return ""
     reference = table.get("random")
-    head = ("| criterion | " + " | ".join(f"ratio {x:g} ({100 * share[x]:.0f} % FLOPs)" for x in ratios)
+    head = ("| criterion | " + " | ".join(f"{_level_text(x)} ({100 * share[x]:.0f} % FLOPs)" for x in ratios)
             + " | mean |" + (" vs random |" if reference else ""))
     lines = [head, "|" + "---|" * (len(ratios) + 2 + bool(reference))]
     for name in order:
@@ -408,9 +441,9 @@ def plot_delta(rows: Sequence[Mapping], train_size: int, path: str) -> Optional[
                     color="white" if abs(r["dAP"]) > 0.6 * limit else "black")
             if r["pairs"] < 2:
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, hatch="..", lw=0, color="0.6"))
-    ax.set_xticks(range(len(ratios)), [f"{x:g}\n({100 * share[x]:.0f} % FLOPs)" for x in ratios], fontsize=8)
+    ax.set_xticks(range(len(ratios)), [f"{_level_text(x)}\n({100 * share[x]:.0f} % FLOPs)" for x in ratios], fontsize=8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
-    ax.set_xlabel("share of block channels pruned (backbone FLOPs left)", fontsize=8)
+    ax.set_xlabel("ratio of the eligible channels pruned, or the FLOPs / latency target (backbone FLOPs left)", fontsize=8)
     ax.set_title(f"ΔAP vs unpruned, paired by seed ({train_size} images; dotted: 1 seed)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.05, pad=0.03, label="mean ΔAP")
     fig.tight_layout()
@@ -546,7 +579,7 @@ def regime_table(results: Sequence[Mapping], train_size: int, latency: Optional[
     for key in sorted(arms, key=lambda k: _arm_order(arms[k][0])):
         cell = arms[key]
         stops = sorted(r["es_iter"] for r in cell)
-        ms = latency.get(spec_key(cell[0]["spec"])) if latency else None
+        ms = _mean_latency(cell, (lambda r: latency.get(spec_key(r["spec"]))) if latency else None)
         lines.append("| " + " | ".join([
             f"**{arm_label(cell[0])}**" if is_baseline(cell[0]) else arm_label(cell[0]),
             str(len(cell)),
@@ -640,18 +673,21 @@ def plot_ap_vs_latency(results: Sequence[Mapping], latency: Mapping[str, float],
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, key in enumerate(sorted(arms, key=lambda k: _arm_order(arms[k][0]))):
         cell = arms[key]
-        x = latency[spec_key(cell[0]["spec"])]
+        x, x_std = _mean_std([latency[spec_key(r["spec"])] for r in cell])  # architectures differ by seed
         colour = "k" if is_baseline(cell[0]) else plt.cm.tab20(i % 20)
-        marker = "s" if cell[0]["criterion"] is None else _MARKERS[i % len(_MARKERS)]
+        shapes = _MARKERS.replace("s", "")  # squares are the unpruned arms
+        marker = "s" if cell[0]["criterion"] is None else shapes[i % len(shapes)]
         final, final_std = _mean_std([r["bbox_AP"] for r in cell])
-        ax.errorbar([x], [final], yerr=[0.0 if math.isnan(final_std) else final_std], marker=marker, color=colour,
-                    capsize=2, ms=6, ls="none", label=arm_label(cell[0]))
+        ax.errorbar([x], [final], yerr=[0.0 if math.isnan(final_std) else final_std],
+                    xerr=[0.0 if math.isnan(x_std) else x_std], marker=marker, color=colour,
+                    capsize=2, ms=6, ls="none", label=f"{arm_label(cell[0])} ({len(cell)} seeds)")
         stopped = [r["es_bbox_AP"] for r in cell if r.get("es_bbox_AP") is not None]
         if stopped:
             ax.plot([x], [statistics.fmean(stopped)], marker=marker, mfc="none", color=colour, ms=8, ls="none")
-    ax.set_xlabel("whole-detector latency, ms (median, CPU, one image at the test resolution)")
+    ax.set_xlabel("whole-detector latency, ms per test image (one CPU thread, as deployed)")
     ax.set_ylabel("test bbox AP")
-    ax.set_title(f"AP against measured latency ({train_size} target images; hollow: early-stopped)", fontsize=9)
+    hollow = "; hollow: early-stopped" if any(r.get("es_bbox_AP") is not None for cell in arms.values() for r in cell) else ""
+    ax.set_title(f"AP against measured latency ({train_size} target images{hollow})", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -684,8 +720,9 @@ def _delta_section(rows: Sequence[Mapping], main_size: int) -> List[str]:
     return [
         f"## ΔAP by criterion and ratio ({main_size} target images)\n",
         "AP difference to the unpruned fine-tune of the same seed, mean ± std over seeds (number of "
-        "seeds in brackets; `*`: paired t-test p < 0.05). Columns: pruning ratio of the block channels "
-        "and the backbone FLOPs left, as a share of the unpruned backbone's.\n",
+        "seeds in brackets; `*`: paired t-test p < 0.05). Columns: the share of the eligible channels "
+        "pruned (ratio), or the FLOPs or latency target, and the backbone FLOPs left, as a share of "
+        "the unpruned backbone's.\n",
         table,
     ]
 
@@ -726,8 +763,9 @@ def write_report(
         f"- machine: {machine}",
         f"- time: {elapsed}",
         *([f"- {threads}"] if threads else []),
-        "- latency: median of repeated CPU runs of the whole detector on one image at the test "
-        "resolution, measured after the fine-tunes, one architecture at a time.",
+        "- latency: ms per image of the whole detector as deployed (norms folded, channels-last) on "
+        "the first 8 test images, one thread, CPU time, the minimum over 3 interleaved rounds, "
+        "measured after the fine-tunes beside the unpruned architecture and scaled to its time.",
         "",
     ]
     atomic_write_text(path, "\n".join(parts))

@@ -43,8 +43,12 @@ def main(args):
     names = [] if args.baselines_only else args.criteria or criteria.available()
     main_size = args.main_size or (40 if 40 in args.train_sizes else args.train_sizes[0])
     target, amounts = pruning_target(args)
+    weightings = list(dict.fromkeys(args.cost_weighting))
+    if weightings != ["uniform"] and args.mode != "cost":
+        raise UserError("--cost-weighting weighs groups against the cost they save: it needs --mode cost "
+                        "(and --flops-reduction or --latency-reduction).")
     jobs = study.plan(names, amounts, args.seeds, args.train_sizes, main_size, args.size_criteria, args.size_ratio,
-                      target=target, freeze_ats=args.freeze_at, every_size=args.every_size)
+                      target=target, freeze_ats=args.freeze_at, every_size=args.every_size, weightings=weightings)
     if args.status:
         print(launcher.status(jobs, args.output))
         return None
@@ -90,11 +94,12 @@ def main(args):
                                        parallel, threads, poll_s=POLL_S[args.launcher])
 
     wanted = {job.name for job in jobs}
-    results = [r for r in study.merge_results(args.output) if r["name"] in wanted]
+    results = [r for r in study.merge_results(args.output) if args.report_all or r["name"] in wanted]
     latency = study.measure_latencies(args.config_file, results, args.output, datasets, opts, args.latency_repeats)
     rows = report.summarize(results, lambda r: latency.get(report.spec_key(r["spec"])))
     status = report.coverage([dict(asdict(job), name=job.name) for job in jobs], {r["name"] for r in results}, main_size)
-    write_outputs(args, rows, main_size, time.perf_counter() - started, len(results), len(jobs), status,
+    planned = len(wanted | {r["name"] for r in results})  # --report-all adds earlier commands' runs
+    write_outputs(args, rows, main_size, time.perf_counter() - started, len(results), planned, status,
                   results=results, latency=latency)
     if failed:
         raise UserError(f"{len(failed)} run(s) failed: {', '.join(failed)}; see their logs (--status lists them). "
@@ -137,6 +142,9 @@ def write_outputs(args, rows, main_size, seconds, finished, planned, status="", 
         report.plot_ap_vs_flops(rows, main_size, os.path.join(figures, f"{stem}_ap_vs_flops.png")),
         report.plot_ap_vs_train_size(rows, os.path.join(figures, f"{stem}_ap_vs_train_size.png")),
     ]
+    if latency and not report.has_validation(results):  # the regime section has its own, per size
+        plots.append(report.plot_ap_vs_latency(results, latency, main_size,
+                                               os.path.join(figures, f"{stem}_ap_vs_latency.png")))  # fmt: skip
     sections, regime_plots = [], []
     if report.has_validation(results):
         regime_plots = [report.plot_curves(results, os.path.join(figures, f"{stem}_curves.png"))]

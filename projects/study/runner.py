@@ -70,6 +70,7 @@ class Job:
     train_size: int
     target: str = "channels"
     freeze_at: Optional[int] = None
+    weighting: str = "uniform"  # PRUNE.COST_WEIGHTING of a pruned run in mode "cost"
 
     @property
     def name(self) -> str:
@@ -78,6 +79,8 @@ class Job:
         else:
             amount = {"channels": "r", "flops": "flops", "latency": "latency"}[self.target]
             what = f"{self.criterion}_{amount}{self.ratio:g}"
+            if self.weighting != "uniform":
+                what += f"_{self.weighting}"
         return f"{what}_n{self.train_size}_s{self.seed}"
 
     def overrides(self) -> List[str]:
@@ -86,7 +89,8 @@ class Job:
         if self.criterion is None:
             opts += ["PRUNE.ENABLED", "False"]
             return opts if self.freeze_at is None else opts + ["MODEL.BACKBONE.FREEZE_AT", str(self.freeze_at)]
-        return opts + ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion, TARGETS[self.target], str(self.ratio)]
+        opts += ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion, TARGETS[self.target], str(self.ratio)]
+        return opts if self.weighting == "uniform" else opts + ["PRUNE.COST_WEIGHTING", self.weighting]
 
     @classmethod
     def of(cls, result: Dict) -> "Job":
@@ -105,10 +109,12 @@ def plan(
     target: str = "channels",
     freeze_ats: Sequence[int] = (),
     every_size: bool = False,
+    weightings: Sequence[str] = ("uniform",),
 ) -> List[Job]:
     """The study's runs: every criterion x ratio x seed on `main_size` target images (on every
     train size with `every_size`), plus, for each other train size, `size_criteria` at
-    `size_ratio`; the ratios are shares of `target` (see `Job`). Unpruned runs on every size:
+    `size_ratio`; the ratios are shares of `target` (see `Job`), and every main pruned arm runs
+    once per cost weighting in `weightings` (PRUNE.COST_WEIGHTING). Unpruned runs on every size:
     the baseline and one arm per `freeze_ats`. Unpruned runs come first, so the comparison has
     its reference as early as possible, then seed by seed."""
     for name in dict.fromkeys([*criteria_names, *size_criteria]):
@@ -127,7 +133,10 @@ def plan(
     jobs = [Job(None, 0.0, s, n, freeze_at=k) for n in train_sizes for s in seeds for k in [None, *freeze_ats]]
     # Seed by seed, so that a study stopped early has every criterion on the first seeds.
     pruned_sizes = train_sizes if every_size else [main_size]
-    jobs += [Job(c, r, s, n, target) for s in seeds for n in pruned_sizes for r in ratios for c in criteria_names]
+    jobs += [
+        Job(c, r, s, n, target, weighting=w)
+        for s in seeds for n in pruned_sizes for r in ratios for c in criteria_names for w in weightings
+    ]  # fmt: skip
     jobs += [
         Job(c, size_ratio, s, n, target)
         for n in train_sizes if n not in pruned_sizes for c in size_criteria for s in seeds
@@ -444,30 +453,61 @@ def worker_main(argv: Sequence[str]) -> Dict:
     return result
 
 
+LATENCY_FILE = "latency_deployed.json"  # latency.json of earlier studies was timed another way
+
+
 def measure_latencies(
     config_file: str, results: Sequence[Dict], output: str, datasets: Sequence[Sequence[str]],
-    opts: Sequence[str] = (), repeats: int = 20,
+    opts: Sequence[str] = (), repeats: int = 2, *, images: int = 8, rounds: int = 3, chunk: int = 8,
 ) -> Dict[str, float]:
-    """Median CPU latency (ms) of the whole detector at the test resolution, once per distinct
-    architecture among `results`, with the final weights of the first run that has it; cached in
-    `output/latency.json`. Run after the fine-tunes, so no other run competes for the cores."""
-    from d2prune.complexity import measure_latency
+    """ms per image of the whole detector as deployed, once per distinct architecture among
+    `results`, with the final weights of the first run that has it; cached in
+    `output/latency_deployed.json`. Run after the fine-tunes, so no other run competes for the
+    cores.
+
+    Each architecture runs on the first `images` images of DATASETS.TEST at the test size (real
+    proposals), prepared for inference, on one thread, timed as CPU time and interleaved with
+    the others (`projects.benchmark.detector.time_deployed`, minimum over `rounds` rounds of
+    `repeats` passes). They are timed `chunk` at a time, every chunk with the unpruned baseline's
+    architecture beside them: a time is kept relative to the baseline timed beside it and
+    scaled to the baseline's own time in the first chunk, so that arms measured in different
+    chunks (or studies resumed later) compare."""
+    from projects.benchmark.detector import real_images, time_deployed
     from projects.study.report import spec_key
 
-    path = os.path.join(output, "latency.json")
+    path = os.path.join(output, LATENCY_FILE)
     cache = json.loads(read_text(path) or "{}")
-    todo = {}
+    first = {}
     for r in results:
-        todo.setdefault(spec_key(r["spec"]), r)
-    todo = {k: r for k, r in todo.items() if k not in cache}
-    for key, r in tqdm(todo.items(), desc="latency per architecture", disable=not todo):
+        first.setdefault(spec_key(r["spec"]), r)
+    todo = [k for k in first if k not in cache]
+    if not todo:
+        return cache
+    reference = next((r for r in results if r["criterion"] is None and r.get("freeze_at") is None), None)
+    reference = reference or next(iter(first.values()))
+
+    def load(r):
         job = Job.of(r)
         cfg = setup_study_cfg(config_file, list(opts) + job.overrides(), datasets)
         cfg.freeze()
         model = Trainer.build_model(cfg)
         PrunedCheckpointer(model).load(os.path.join(output, "runs", job.name, "model_final.pth"))
-        model.eval()
-        inputs, _ = sample_inputs(cfg, model)
-        cache[key] = round(measure_latency(model, inputs, repeats=repeats)["median_ms"], 2)
-        atomic_write_text(path, json.dumps(cache, indent=1))
+        return cfg, model.eval()
+
+    cfg, base = load(reference)
+    inputs = real_images(cfg, cfg.DATASETS.TEST[0], images)
+    scale = cache.get("_reference_ms")
+    todo = [k for k in todo if k != spec_key(reference["spec"])]
+    with tqdm(total=len(todo), desc="latency per architecture") as bar:
+        for i in range(0, max(len(todo), 1 if scale is None else 0), chunk):
+            keys = todo[i:i + chunk]
+            times = time_deployed([base, *(load(first[k])[1] for k in keys)], inputs, rounds=rounds, repeats=repeats)
+            ref = times[0]["min_ms"]
+            if scale is None:
+                scale = cache["_reference_ms"] = round(ref, 3)
+                cache[spec_key(reference["spec"])] = scale
+            for key, t in zip(keys, times[1:]):
+                cache[key] = round(t["min_ms"] / ref * scale, 3)
+            atomic_write_text(path, json.dumps(cache, indent=1))
+            bar.update(len(keys))
     return cache
