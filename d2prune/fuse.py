@@ -2,7 +2,7 @@
 folded into their convs (`fold_norms`), conv weights in channels-last memory format.
 
 The result is the same detectron2 class and runs `model(inputs)` as before; it is for inference
-only (see `fold_norms`). docs/benchmark.md, "Why the latency cut trails the FLOPs cut", has
+only (see `fold_norms`). docs/latency.md ("Why the latency cut trails the FLOPs cut") has
 the measurements behind each step.
 """
 
@@ -90,9 +90,8 @@ def prepare_for_inference(model: nn.Module, *, channels_last: Optional[bool] = N
     ResNet-FPN R-CNN keeps, so oneDNN's CPU convolutions skip reordering each input and output
     to and from their blocked layout, and max pooling and upsampling run vectorised. On one CPU
     thread the two took 13-15 % off the unpruned R18-FPN detector and R50 ResNet and 18-22 % off
-    their pruned copies, whose odd widths suffer most from the reordering (docs/benchmark.md,
-    "Why the latency cut trails the FLOPs cut"); on a GPU they are not measured, hence no
-    channels-last there by default. Same rules as `fold_norms`: eval mode only, inference only.
+    their pruned copies, whose odd widths suffer most from the reordering (docs/latency.md); on
+    a GPU they are not measured, hence no channels-last there by default. Same rules as `fold_norms`: eval mode only, inference only.
     """
     fold_norms(model)
     if channels_last is None:

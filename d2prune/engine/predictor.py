@@ -20,7 +20,7 @@ class Predictor(DefaultPredictor):
     With `optimize` (the default) the loaded model is prepared for inference
     (`fuse.prepare_for_inference`): FrozenBN and eval-mode BN folded into their convs and, on
     the CPU, weights in channels-last format. The detections are the same up to float rounding
-    and faster (13-22 % on one CPU thread, docs/benchmark.md), but `predictor.model` is then for
+    and faster (13-22 % on one CPU thread, docs/latency.md), but `predictor.model` is then for
     inference only: pass `optimize=False` to keep the model as it loaded (to train or save it).
     """
 

@@ -251,7 +251,9 @@ def main(args):
                "whatever else runs (on an idle machine, its one-thread latency)."
                if args.clock == "cpu" else "Times are elapsed (wall-clock) time."), "",
         ]  # fmt: skip
-        atomic_write_text(args.output, "\n".join(header + parts))
+        footer = ["Why a latency cut trails its FLOPs cut, profiled op by op, and the R50-FPN detector at "
+                  "800 px: [latency.md](latency.md).", ""]
+        atomic_write_text(args.output, "\n".join(header + parts + footer))
     if failed:
         print(f"{len(failed)} criteria failed: {', '.join(r['criterion'] for r in failed)}", file=sys.stderr)
         sys.exit(1)
