@@ -215,6 +215,7 @@ def build_latency_model(cfg, model: nn.Module, original: Optional[Mapping[str, i
     dtype = torch.float16 if cfg.PRUNE.LATENCY_DTYPE == "float16" else torch.float32
     if dtype == torch.float16 and device.type != "cuda":
         raise UserError("PRUNE.LATENCY_DTYPE float16 times on CUDA only; MODEL.DEVICE is cpu.")
+    began = time.perf_counter()
     inputs = _dummy_batch(model, cfg.INPUT.MIN_SIZE_TEST)
     layers = trace_layers(model, groups, inputs, full=full)
 
@@ -269,11 +270,11 @@ def build_latency_model(cfg, model: nn.Module, original: Optional[Mapping[str, i
     logger.info(
         "latency model (%s, %s): %d layers %s; width step %d; %.1f ms fixed + %.2f x the layers' "
         "tables; predicted %.1f ms now (measured %.1f), %.1f ms at 1/2 width (measured %.1f), "
-        "%.1f ms at 1/4 (measured %.1f); %.1f ms unpruned",
+        "%.1f ms at 1/4 (measured %.1f); %.1f ms unpruned; built in %.1f s",
         payload["device"], cfg.PRUNE.LATENCY_DTYPE, len(layers),
         f"from {path}" if payload["reused"] else f"timed in {payload['seconds']} s, saved to {path}",
         step, cost_model.fixed, cost_model.scale, cost_model.predict(measured[0][0]), measured[0][1],
         cost_model.predict(measured[1][0]), measured[1][1], cost_model.predict(measured[2][0]),
-        measured[2][1], cost_model.predict(full),
+        measured[2][1], cost_model.predict(full), time.perf_counter() - began,
     )  # fmt: skip
     return cost_model
