@@ -59,6 +59,10 @@ def add_prune_config(cfg: CN) -> CN:
     # Folder of the latency models' timing tables, one file per device, dtype and architecture
     # ("" = $D2PRUNE_CACHE/latency, or ~/.cache/d2prune/latency).
     cfg.PRUNE.LATENCY_CACHE = ""
+    # With a latency target: time each chosen cut against the model as it is (one image, on the
+    # run's device) and, when it runs more than 2 % slower than the latency model predicted,
+    # choose again once toward a target tightened by that much.
+    cfg.PRUNE.LATENCY_CHECK = True
     # "local": every eligible group loses RATIO of its channels. "global": channels compete
     # across groups on group-normalised scores; no group loses more than MAX_RATIO. "cost"
     # (with FLOPS_REDUCTION or LATENCY_REDUCTION): global, on score per FLOP or per ms saved.
@@ -162,6 +166,8 @@ def check_prune_config(cfg: CN) -> None:
             fail("END_ITER", f"an iteration from START_ITER + NUM_EVENTS - 1 = {first} to SOLVER.MAX_ITER - 1 = {max_iter - 1}")
     if not isinstance(p.EVAL_AT_EVENTS, bool):
         fail("EVAL_AT_EVENTS", "True or False")
+    if not isinstance(p.get("LATENCY_CHECK", True), bool):
+        fail("LATENCY_CHECK", "True or False")
     if p.EVAL_AT_EVENTS and not cfg.DATASETS.TEST:
         raise UserError("PRUNE.EVAL_AT_EVENTS is True but DATASETS.TEST is empty: name a dataset to evaluate on.")
     options = criterion_options(cfg)

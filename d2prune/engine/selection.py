@@ -10,7 +10,7 @@ import functools
 import logging
 import os
 import time
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -117,12 +117,15 @@ def choose_keep(
         budget = budget.with_amount(amount)
     if budget.target == "latency" and cost_model is None:
         cost_model = build_latency_model(cfg, model, original)
+    check = None
     if cost_model is not None and budget.target == "latency":
         budget = with_device_step(budget, cost_model)
+        if cfg.PRUNE.get("LATENCY_CHECK", True):
+            check = latency_check(model, cost_model, cfg.INPUT.MIN_SIZE_TEST, _latency_dtype(cfg))
     start = time.perf_counter()
     keep = keep_sets(
         model, criterion, budget, batches, original=original, original_flops=original_flops,
-        image_size=cfg.INPUT.MIN_SIZE_TEST, cost_model=cost_model, seed=max(cfg.SEED, 0),
+        image_size=cfg.INPUT.MIN_SIZE_TEST, cost_model=cost_model, seed=max(cfg.SEED, 0), check=check,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     logger.info("Scored and selected channels with %s in %.2f s", cfg.PRUNE.CRITERION, seconds)
@@ -140,12 +143,15 @@ def keep_sets(
     image_size: int = 800,
     cost_model: Optional[CostModel] = None,
     seed: int = 0,
+    check: Optional[Callable[[Mapping[str, List[int]]], float]] = None,
 ) -> Dict[str, List[int]]:
     """`choose_keep` without a config: groups, statistics on `batches` (data-driven criteria
     only), scores, then `budget`. A FLOPs target measures the detector on one square image of
     `image_size` pixels (in mode "cost", layer by layer: `flops_model`); a latency target needs
     `cost_model`. Weighting "sensitivity" measures the training loss on `batches` too, with
-    proposal sampling seeded by `seed` (`loss_sensitivity`)."""
+    proposal sampling seeded by `seed` (`loss_sensitivity`). With a latency target, `check`
+    (`latency_check`) may time the chosen cut: when it runs slower than `cost_model` predicted,
+    the channels are chosen once more, toward a target tightened by the difference."""
     model = unwrap(model)
     groups = find_groups(model)
     stats = None
@@ -169,10 +175,69 @@ def keep_sets(
         layers = trace_layers(model, groups, inputs(), full=original)
         cost_model = flops_model(layers, {**{g.name: g.size for g in groups}, **(original or {})},
                                  total=count_flops(model, inputs())["total"])  # fmt: skip
-    return select(
-        model, groups, scores, budget, measure=lambda m: count_flops(m, inputs())["total"],
-        original=original, baseline=original_flops, cost_model=cost_model, sensitivity=sensitivity,
-    )  # fmt: skip
+    def choose(b: Budget) -> Dict[str, List[int]]:
+        return select(
+            model, groups, scores, b, measure=lambda m: count_flops(m, inputs())["total"],
+            original=original, baseline=original_flops, cost_model=cost_model, sensitivity=sensitivity,
+        )  # fmt: skip
+
+    keep = choose(budget)
+    if check is None or budget.target != "latency" or not keep:
+        return keep
+    slower = check(keep)  # measured time over predicted time of the cut, relative to now
+    if slower <= 1 + LATENCY_CHECK_TOLERANCE:
+        return keep
+    tighter = budget.with_amount(min(1 - (1 - budget.amount) / slower, 1 - 1e-6))
+    try:
+        again = choose(tighter)
+    except UserError as e:
+        logger.warning("latency check: the cut runs %.1f %% slower than predicted, and a tighter target is "
+                       "out of reach (%s); keeping the first choice", 100 * (slower - 1), e)  # fmt: skip
+        return keep
+    logger.info("latency check: the cut runs %.1f %% slower than the latency model predicted; chose again "
+                "toward a latency reduction of %.3f instead of %.3f", 100 * (slower - 1), tighter.amount,
+                budget.amount)  # fmt: skip
+    return again
+
+
+# A chosen cut measured this much slower than predicted (relative to the model as it is) is
+# chosen again; below it, timing noise.
+LATENCY_CHECK_TOLERANCE = 0.02
+
+
+def _latency_dtype(cfg) -> torch.dtype:
+    return torch.float16 if cfg.PRUNE.LATENCY_DTYPE == "float16" else torch.float32
+
+
+def latency_check(model: nn.Module, cost_model: CostModel, image_size: int, dtype: torch.dtype = torch.float32,
+                  repeats: int = 5) -> Callable[[Mapping[str, List[int]]], float]:
+    """A function of keep sets: how much slower a pruned copy of `model` runs than `cost_model`
+    predicts, as (measured time of the copy / measured time of `model`) over (predicted / predicted),
+    on one square image of `image_size` px in `dtype`, the two interleaved (NetAdapt's "measure,
+    then adjust"). The main process measures and every rank gets its figure."""
+
+    def check(keep: Mapping[str, List[int]]) -> float:
+        from detectron2.utils import comm
+
+        slower = None
+        if comm.is_main_process():
+            detector = unwrap(model)
+            pruned = copy.deepcopy(detector)
+            prune(pruned, keep)
+            inputs = _dummy_batch(detector, image_size)
+            device = next(detector.parameters()).device
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+                now, after = interleaved_latency([detector, pruned], inputs, warmup=2, repeats=repeats, rounds=2)
+            widths = {g.name: g.size for g in find_groups(detector)}
+            predicted = cost_model.predict({**widths, **{n: len(k) for n, k in keep.items()}}) / cost_model.predict(widths)
+            slower = (after["min_ms"] / now["min_ms"]) / predicted
+            logger.info("latency check: the cut measured at %.1f %% of the current time, predicted at %.1f %%",
+                        100 * after["min_ms"] / now["min_ms"], 100 * predicted)  # fmt: skip
+        if comm.get_world_size() > 1:
+            slower = comm.all_gather(slower)[0]
+        return slower
+
+    return check
 
 
 def with_device_step(budget: Budget, cost_model: CostModel) -> Budget:
@@ -212,7 +277,7 @@ def build_latency_model(cfg, model: nn.Module, original: Optional[Mapping[str, i
     budget = Budget.from_config(cfg)
     eligible = {g.name for g in budget.eligible(groups)}
     device = next(model.parameters()).device
-    dtype = torch.float16 if cfg.PRUNE.LATENCY_DTYPE == "float16" else torch.float32
+    dtype = _latency_dtype(cfg)
     if dtype == torch.float16 and device.type != "cuda":
         raise UserError("PRUNE.LATENCY_DTYPE float16 times on CUDA only; MODEL.DEVICE is cpu.")
     began = time.perf_counter()
