@@ -392,3 +392,6 @@ def test_the_latency_check_times_the_cut_against_the_model_as_it_is(r18, monkeyp
     assert selection.latency_check(model, ms, 96)(keep) == pytest.approx(0.8 / predicted)
     pruned = {**before, **{n: len(k) for n, k in keep.items()}}
     assert timed == [[before, pruned]] and channel_spec(model) == before  # a copy was cut
+    # A cut too small to time against the noise is taken as predicted, untimed.
+    small = {n: list(range(g.size - 8)) for n, g in ((g.name, g) for g in groups if g.name == "backbone.bottom_up.res3.0.conv1")}
+    assert selection.latency_check(model, ms, 96)(small) == 1.0 and len(timed) == 1
