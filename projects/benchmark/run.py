@@ -247,7 +247,9 @@ def main(args):
             f"Machine: {machine_description()}. The machine was shared with other jobs while "
             "this ran, so absolute times are noisy; ratios compare runs made within one "
             "process, interleaved. "
-            + ("Times are CPU time of the process: with one torch thread, the work a call costs "
+            + ("Times: one thread as CPU time of the process, all threads as elapsed time (the "
+               "section says which column is which)." if set(args.sections) == {"detector"} else
+               "Times are CPU time of the process: with one torch thread, the work a call costs "
                "whatever else runs (on an idle machine, its one-thread latency)."
                if args.clock == "cpu" else "Times are elapsed (wall-clock) time."), "",
         ]  # fmt: skip
