@@ -105,7 +105,7 @@ study-regime: data
 # score per millisecond saved (the latency model is timed once on this machine and cached).
 study-regime-detector: data
 	$(PY) tools/study.py $(REGIME_ARGS) --kinds stem block stage fpn head --latency-reduction 0.3 0.5 \
-		--mode cost --output output/study_regime_detector \
+		--mode cost --cost-weighting sensitivity --output output/study_regime_detector \
 		--title "Whole-detector pruning to a latency target where fine-tuning can overfit"
 
 # Rebuild the shipped source model (about an hour on 2 cores): pre-training from scratch on the

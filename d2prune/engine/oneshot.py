@@ -78,6 +78,11 @@ def check_oneshot_config(cfg) -> criteria.Criterion:
             f"PRUNE.CRITERION '{cfg.PRUNE.CRITERION}' scores channels on training images: name them "
             "in DATASETS.TRAIN (or pick a weight-only criterion such as l1)."
         )
+    if needs_batches(cfg, criterion) and not cfg.DATASETS.TRAIN:
+        raise UserError(
+            "PRUNE.MODE 'cost' with PRUNE.COST_WEIGHTING 'sensitivity' measures the training loss: name "
+            "training images in DATASETS.TRAIN (or set PRUNE.COST_WEIGHTING uniform)."
+        )
     return criterion
 
 

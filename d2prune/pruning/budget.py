@@ -149,7 +149,7 @@ class Budget:
             max_ratio=p.MAX_RATIO,
             min_channels=p.MIN_CHANNELS,
             round_to=p.ROUND_TO,
-            weighting=p.get("COST_WEIGHTING", "uniform"),
+            weighting=p.get("COST_WEIGHTING", "uniform") if p.MODE == "cost" else "uniform",
         )
 
     def eligible(self, groups: Sequence[ChannelGroup]) -> List[ChannelGroup]:

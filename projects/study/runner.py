@@ -89,8 +89,10 @@ class Job:
         if self.criterion is None:
             opts += ["PRUNE.ENABLED", "False"]
             return opts if self.freeze_at is None else opts + ["MODEL.BACKBONE.FREEZE_AT", str(self.freeze_at)]
-        opts += ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion, TARGETS[self.target], str(self.ratio)]
-        return opts if self.weighting == "uniform" else opts + ["PRUNE.COST_WEIGHTING", self.weighting]
+        # The weighting is always explicit (mode "cost" reads it, the others ignore it), so that a
+        # run is what its name says whatever the config's default.
+        return opts + ["PRUNE.ENABLED", "True", "PRUNE.CRITERION", self.criterion, TARGETS[self.target], str(self.ratio),
+                       "PRUNE.COST_WEIGHTING", self.weighting]  # fmt: skip
 
     @classmethod
     def of(cls, result: Dict) -> "Job":
