@@ -193,6 +193,7 @@ def latency_keep(cfg, args, base, groups, scores, device, log):
     lat.PRUNE.FLOPS_REDUCTION = 0.0
     lat.PRUNE.LATENCY_REDUCTION = args.flops_reduction
     lat.PRUNE.MODE = "cost"
+    lat.PRUNE.COST_WEIGHTING = "uniform"  # random weights: no training loss worth measuring
     lat.PRUNE.KINDS = ALL_KINDS
     lat.PRUNE.LATENCY_DTYPE = "float16" if args.dtypes[0] == "fp16" and device.type == "cuda" else "float32"
     lat.PRUNE.LATENCY_CACHE = os.path.join(os.path.dirname(os.path.abspath(args.output or "x")), "latency_cache")
