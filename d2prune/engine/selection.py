@@ -45,8 +45,8 @@ from ..utils.modules import unwrap
 from .sensitivity import loss_sensitivity
 
 __all__ = [
-    "build_criterion", "build_latency_model", "check_budget", "choose_keep", "keep_sets", "needs_batches",
-    "sample_inputs",
+    "build_criterion", "build_latency_model", "check_budget", "choose_keep", "keep_sets", "latency_check",
+    "needs_batches", "sample_inputs",
 ]  # fmt: skip
 
 logger = logging.getLogger(__name__)
