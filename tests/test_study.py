@@ -272,9 +272,8 @@ def test_a_tiny_study_end_to_end(tiny_study):
     assert (out / "results_ap_vs_flops.png").is_file() and (out / "results.csv").is_file()
     # Both architectures timed as deployed, the pruned one beside the baseline and scaled to it.
     latency = json.loads((out / "latency_deployed.json").read_text())
-    keys = {report.spec_key(r["spec"]) for r in results}
-    assert keys <= set(latency) and latency[report.spec_key(base["spec"])] == latency["_reference_ms"] > 0
-    assert latency[report.spec_key(pruned["spec"])] > 0
+    assert set(latency) == {report.spec_key(r["spec"]) for r in results}
+    assert latency[report.spec_key(base["spec"])] > 0 and latency[report.spec_key(pruned["spec"])] > 0
     again = run_tool("study.py", *args(out, "--jobs", "2"))
     assert again.returncode == 0 and "2 of 2 runs already finished" in again.stdout
     assert len(study.load_results(str(out))) == 2

@@ -79,37 +79,35 @@ def _per_image(model) -> Callable:
 
 def time_deployed(
     models: Sequence[torch.nn.Module], images: List[dict], *, rounds: int = 3, repeats: int = 2, prepared: bool = True,
+    threads: int = 1, clock: str = "cpu",
 ) -> List[Dict[str, float]]:
-    """ms per image of each model as deployed on one CPU thread: CPU time of the process, one
-    image per call, every model taking turns in each of `rounds` rounds of `repeats` passes
-    (`interleaved_latency`); "median_ms" and "min_ms" per model. With `prepared`, each is timed
-    as a deep copy made ready by `d2prune.fuse.prepare_for_inference` (norms folded,
-    channels-last), as `d2prune.Predictor` runs it. Torch's thread count is restored after."""
-    threads = torch.get_num_threads()
+    """ms per image of each model as deployed: one image per call, on `threads` torch threads
+    timed by `clock` (default one thread, CPU time of the process), every model taking turns in
+    each of `rounds` rounds of `repeats` passes (`interleaved_latency`); "median_ms" and
+    "min_ms" per model. With `prepared`, each is timed as a deep copy made ready by
+    `d2prune.fuse.prepare_for_inference` (norms folded, channels-last), as `d2prune.Predictor`
+    runs it. Torch's thread count is restored after."""
+    before = torch.get_num_threads()
     timed = [prepare_for_inference(copy.deepcopy(m).eval()) for m in models] if prepared else list(models)
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     try:
         times = interleaved_latency([_per_image(m) for m in timed], images, warmup=1, repeats=repeats,
-                                    rounds=rounds, clock_name="cpu")  # fmt: skip
+                                    rounds=rounds, clock_name=clock)  # fmt: skip
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
     return [{"median_ms": t["median_ms"] / len(images), "min_ms": t["min_ms"] / len(images)} for t in times]
 
 
 def _latencies(models: Sequence[torch.nn.Module], images: List[dict], rounds: int, repeats: int) -> Dict[str, List[float]]:
-    """ms per image of each model: one torch thread (CPU time) and all threads (elapsed),
-    minima over interleaved rounds (other jobs on a shared machine only add time)."""
+    """ms per image of each model (already prepared as wanted): one torch thread (CPU time) and
+    all threads (elapsed), minima over interleaved rounds (other jobs on a shared machine only
+    add time)."""
     threads = torch.get_num_threads()
-    found = {}
-    try:
-        for label, n, clock in (("1 thread", 1, "cpu"), (f"{threads} threads", threads, "wall")):
-            torch.set_num_threads(n)
-            times = interleaved_latency([_per_image(m) for m in models], images, warmup=1,
-                                        repeats=repeats, rounds=rounds, clock_name=clock)  # fmt: skip
-            found[label] = [t["min_ms"] / len(images) for t in times]
-    finally:
-        torch.set_num_threads(threads)
-    return found
+    return {
+        label: [t["min_ms"] for t in time_deployed(models, images, rounds=rounds, repeats=repeats, prepared=False,
+                                                   threads=n, clock=clock)]
+        for label, n, clock in (("1 thread", 1, "cpu"), (f"{threads} threads", threads, "wall"))
+    }  # fmt: skip
 
 
 def detector_rows(

@@ -498,16 +498,16 @@ def measure_latencies(
 
     cfg, base = load(reference)
     inputs = real_images(cfg, cfg.DATASETS.TEST[0], images)
-    scale = cache.get("_reference_ms")
-    todo = [k for k in todo if k != spec_key(reference["spec"])]
+    base_key = spec_key(reference["spec"])
+    scale = cache.get(base_key)  # the baseline's own time, from the first chunk ever timed
+    todo = [k for k in todo if k != base_key]
     with tqdm(total=len(todo), desc="latency per architecture") as bar:
         for i in range(0, max(len(todo), 1 if scale is None else 0), chunk):
             keys = todo[i:i + chunk]
             times = time_deployed([base, *(load(first[k])[1] for k in keys)], inputs, rounds=rounds, repeats=repeats)
             ref = times[0]["min_ms"]
             if scale is None:
-                scale = cache["_reference_ms"] = round(ref, 3)
-                cache[spec_key(reference["spec"])] = scale
+                scale = cache[base_key] = round(ref, 3)
             for key, t in zip(keys, times[1:]):
                 cache[key] = round(t["min_ms"] / ref * scale, 3)
             atomic_write_text(path, json.dumps(cache, indent=1))
