@@ -125,7 +125,6 @@ def launch(
         raise
 
 
-
 def launch_from_args(main_func: Callable, args) -> object:
     """`launch(main_func, ...)` with the process layout of detectron2's command-line flags
     (`--num-gpus`, `--num-machines`, `--machine-rank`, `--dist-url`), passing `args` on."""
@@ -133,6 +132,7 @@ def launch_from_args(main_func: Callable, args) -> object:
         main_func, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
         dist_url=args.dist_url, args=(args,),
     )  # fmt: skip
+
 
 def _gloo_worker(local_rank, main_func, world_size, per_machine, machine_rank, dist_url, args, timeout):
     dist.init_process_group(

@@ -168,7 +168,7 @@ def check_prune_config(cfg: CN) -> None:
             fail("END_ITER", f"an iteration from START_ITER + NUM_EVENTS - 1 = {first} to SOLVER.MAX_ITER - 1 = {max_iter - 1}")
     if not isinstance(p.EVAL_AT_EVENTS, bool):
         fail("EVAL_AT_EVENTS", "True or False")
-    if not isinstance(p.get("LATENCY_CHECK", True), bool):
+    if not isinstance(p.get("LATENCY_CHECK", False), bool):
         fail("LATENCY_CHECK", "True or False")
     if p.EVAL_AT_EVENTS and not cfg.DATASETS.TEST:
         raise UserError("PRUNE.EVAL_AT_EVENTS is True but DATASETS.TEST is empty: name a dataset to evaluate on.")

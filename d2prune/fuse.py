@@ -91,7 +91,8 @@ def prepare_for_inference(model: nn.Module, *, channels_last: Optional[bool] = N
     to and from their blocked layout, and max pooling and upsampling run vectorised. On one CPU
     thread the two took 13-15 % off the unpruned R18-FPN detector and R50 ResNet and 18-22 % off
     their pruned copies, whose odd widths suffer most from the reordering (docs/latency.md); on
-    a GPU they are not measured, hence no channels-last there by default. Same rules as `fold_norms`: eval mode only, inference only.
+    a GPU they are not measured, hence no channels-last there by default. Same rules as
+    `fold_norms`: eval mode only, inference only.
     """
     fold_norms(model)
     if channels_last is None:

@@ -84,7 +84,8 @@ class PruningHook(HookBase):
             p.SCHEDULE, budget.amount, p.START_ITER, p.END_ITER, p.NUM_EVENTS, p.CURVE
         )
         self.criterion = build_criterion(cfg)
-        if scoring is None and needs_batches(cfg, self.criterion):
+        self._reads_batches = needs_batches(cfg, self.criterion)
+        if scoring is None and self._reads_batches:
             scoring = ScoringBatches.from_config(cfg)
         self.scoring = scoring
         self._build_optimizer = build_optimizer
@@ -138,8 +139,8 @@ class PruningHook(HookBase):
         start = time.perf_counter()
         # Data-driven criteria score on batches of their own, chosen by the event's index: the
         # same on a resumed run, and the training stream is not moved on. Weight-only criteria
-        # build none.
-        batches = self.scoring(self.events_done) if needs_batches(cfg, self.criterion) else None
+        # build none (unless mode "cost" weighs groups by their loss sensitivity).
+        batches = self.scoring(self.events_done) if self._reads_batches else None
         keep = choose_keep(
             cfg, model, self.criterion, batches,
             amount=self.schedule.targets[self.events_done],

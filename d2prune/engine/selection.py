@@ -155,7 +155,7 @@ def keep_sets(
     model = unwrap(model)
     groups = find_groups(model)
     stats = None
-    sensitive = budget.mode == "cost" and budget.weighting == "sensitivity"
+    sensitive = budget.weighting == "sensitivity"  # a Budget allows it in mode "cost" only
     if sensitive:
         if batches is None:
             raise UserError("PRUNE.COST_WEIGHTING 'sensitivity' needs training batches to measure the loss on.")

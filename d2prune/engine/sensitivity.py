@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 
 def _training_loss(model: nn.Module, batches: Sequence[List[dict]], seed: int) -> float:
-    """The detector's summed training losses over `batches`, without gradients, on a copy in
-    training mode (the caller's model, its norms' statistics and its random streams are left as
-    they were). Proposal sampling draws from generators seeded by (`seed`, batch index), so two
-    models compared on the same batches see the same draws wherever their proposals agree."""
+    """The detector's summed training losses over `batches`, without gradients, in training mode
+    throughout: BatchNorm normalises with the batch's statistics, as the fine-tune it is measured
+    for does (the statistics collector, which wants activations independent of the batch, keeps
+    BN in eval mode instead), so `model` must be a copy, whose running statistics this moves.
+    Proposal sampling draws from generators seeded by (`seed`, batch index), so two models
+    compared on the same batches see the same draws wherever their proposals agree."""
     total = 0.0
     model.train()
     device = next(model.parameters()).device
@@ -66,11 +68,10 @@ def loss_sensitivity(
             "(PRUNE.SCORE_BATCHES > 0)."
         )
     start = time.perf_counter()
-    reference = copy.deepcopy(model)
-    base = _training_loss(reference, batches, seed)
+    base = _training_loss(copy.deepcopy(model), batches, seed)
     rises: Dict[str, Tuple[int, float]] = {}
     for k, (name, (units, keep)) in enumerate(probes.items(), 1):
-        probe = copy.deepcopy(reference)
+        probe = copy.deepcopy(model)
         with torch.no_grad():
             prune(probe, {name: keep})
         rises[name] = (units, _training_loss(probe, batches, seed) - base)
