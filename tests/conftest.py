@@ -14,7 +14,7 @@ from PIL import Image
 
 from d2prune.config import setup_cfg
 from d2prune.data import register_datasets, validate_datasets
-from d2prune.data.synthetic import generate
+from d2prune.data.synthetic import generate, split_paths
 from d2prune.engine.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,13 @@ def checkpoints(trained, tmp_path_factory):
     prune(model, {g.name: list(range(g.size // 2)) for g in find_groups(model) if g.kind == "block"})
     PrunedCheckpointer(model, str(dest)).save("model_pruned")
     return root, out / "model_final.pth", dest / "model_pruned.pth"
+
+
+def own_split(root) -> list:
+    """The tools' arguments that register the tiny source val set as a dataset of one's own
+    (`--dataset mine_val JSON IMAGE_ROOT`) and pick it (`--split mine_val`)."""
+    json_file, image_root = split_paths(root, "source", "val")
+    return ["--dataset", "mine_val", json_file, image_root, "--split", "mine_val"]
 
 
 def run_tool(tool: str, *args) -> subprocess.CompletedProcess:

@@ -4,20 +4,16 @@ import re
 
 import pytest
 
-from d2prune.data.synthetic import split_paths
-
-from .conftest import CONFIG, run_tool, tiny_opts
+from .conftest import CONFIG, own_split, run_tool, tiny_opts
 
 
 @pytest.mark.subprocess
 def test_checkpoints_are_timed_against_the_first(checkpoints, tmp_path):
     root, unpruned, pruned = checkpoints
-    json_file, image_root = split_paths(root, "source", "val")
     table = tmp_path / "times.md"
     proc = run_tool(
         "time_checkpoints.py", "--config-file", CONFIG, "--weights", unpruned, pruned, "--labels", "full", "half",
-        "--dataset", "mine_val", json_file, image_root, "--split", "mine_val", "--images", 2, "--rounds", 1,
-        "--repeats", 1, "--output", table, *tiny_opts(root, tmp_path),
+        *own_split(root), "--images", 2, "--rounds", 1, "--repeats", 1, "--output", table, *tiny_opts(root, tmp_path),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]

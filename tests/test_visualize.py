@@ -12,17 +12,16 @@ from PIL import Image
 from d2prune.data.synthetic import split_paths
 from projects.visualize import GAP, PANEL, TITLE, matched
 
-from .conftest import CONFIG, run_tool, tiny_opts
+from .conftest import CONFIG, own_split, run_tool, tiny_opts
 
 
 @pytest.mark.subprocess
 def test_a_png_per_image_and_a_page_that_shows_them(checkpoints, tmp_path):
     root, unpruned, pruned = checkpoints
-    json_file, image_root = split_paths(root, "source", "val")
+    json_file = split_paths(root, "source", "val")[0]  # the ground truth the page must show
     dest = tmp_path / "vis"
     proc = run_tool(
-        "visualize.py", "--config-file", CONFIG, "--unpruned", unpruned, "--pruned", pruned,
-        "--dataset", "mine_val", json_file, image_root, "--split", "mine_val",
+        "visualize.py", "--config-file", CONFIG, "--unpruned", unpruned, "--pruned", pruned, *own_split(root),
         "--images", 3, "--threshold", 0.0, "--output", dest, *tiny_opts(root, tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
